@@ -1,0 +1,336 @@
+"""The stage runtime: the one place that turns a stage's `prepare`/`run` into a well-behaved process.
+
+Every stage module ends with ``if __name__ == "__main__": stage_main(NAME, run, prepare)`` and is
+started by the runner as ``python -m stages.<name> JOB_DIR --weights DIR --profile P [--prestart]``.
+
+What the harness guarantees, so that stages need not:
+- **pre-start**: with ``--prestart`` it imports, runs ``prepare`` (weights into host memory, no
+  CUDA), prints ``ready`` and blocks on stdin until the runner writes ``go`` — start-up overlaps
+  the previous stage while isolation is kept (CUDA is touched only after ``go``);
+- **memory cap**: ``torch.cuda.set_per_process_memory_fraction`` to the budget in the request;
+- **fault injection**: ``UP2YOU_FAULTS=rgb:oom:1`` raises a real ``torch.cuda.OutOfMemoryError``
+  in stage ``rgb`` on attempts <= 1 (kinds: ``oom``, ``oom_runtime``, ``crash``, ``sleep``);
+- **exit codes** (stages.spec): OOM in any of its disguises -> 75, bad input -> 65, missing
+  weights -> 66, no GPU -> 69, disk full -> 74, SIGINT/SIGTERM -> 130; an ``error.msgpack`` says why;
+- **atomic outputs and the manifest** written last, with timings and torch's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import gc
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+T0 = time.time()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from stages import checkpoints  # noqa: E402
+from stages.jobfs import JobDir, atomic_path  # noqa: E402
+from stages.plan import Plan  # noqa: E402
+from stages.spec import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    EXIT_DISK_FULL,
+    EXIT_INTERRUPTED,
+    EXIT_MISSING_WEIGHTS,
+    EXIT_NO_DEVICE,
+    EXIT_OK,
+    EXIT_OOM,
+)
+
+FAULTS_ENV = "UP2YOU_FAULTS"
+
+
+class BadInputError(ValueError):
+    """An input (photo or upstream artifact) cannot be used; the message names it and the fix."""
+
+
+_OOM_MARKERS = (
+    "out of memory",
+    "cudaerrormemoryallocation",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "cudnn_status_not_enough_workspace",
+    "cuda_error_out_of_memory",
+    "failed to allocate",
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for every way an out-of-memory reaches Python: torch's own error, and the RuntimeErrors
+    that CUDA, cuBLAS, cuDNN and nvdiffrast raise for failed allocations."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    if isinstance(exc, RuntimeError):
+        msg = str(exc).lower()
+        return any(m in msg for m in _OOM_MARKERS)
+    return False
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+class StageContext:
+    """What a stage sees: its plan, device, inputs and a safe way to write outputs."""
+
+    def __init__(self, job_dir: Path, name: str, weights_dir: str, profile: str) -> None:
+        self.job = JobDir(job_dir)
+        self.name = name
+        self.weights_dir = Path(weights_dir) if weights_dir else Path()
+        self.profile = profile
+        self.request: dict[str, Any] = {}
+        self.plan = Plan(profile=profile, weights_dir=str(weights_dir), device="cpu")
+        self.attempt = 0
+        self.cap_bytes: int | None = None
+        self._outputs: list[str] = []
+        self._extras: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+
+    # set once the request has arrived -----------------------------------------------------
+    def _load_request(self) -> None:
+        self.request = self.job.read_request(self.name)
+        self.plan = Plan.from_dict(self.request["plan"])
+        self.attempt = int(self.request.get("attempt", 1))
+        self.cap_bytes = self.request.get("cap_bytes")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.plan.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype: the plan's on GPU, float32 on CPU (half precision on CPU is slow and partial)."""
+        if self.device.type != "cuda":
+            return torch.float32
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.plan.dtype]
+
+    @property
+    def n_refs(self) -> int:
+        return len(self.job.read_inputs()["photos"])
+
+    def input_photos(self) -> list[Path]:
+        return [Path(p["path"]) for p in self.job.read_inputs()["photos"]]
+
+    # weights ------------------------------------------------------------------------------
+    def ckpt(self, key: str) -> Path:
+        """Path of a released checkpoint; raises MissingWeightsError naming the file and its source."""
+        miss = checkpoints.missing(self.weights_dir, [key])
+        if miss:
+            raise checkpoints.MissingWeightsError(miss)
+        return checkpoints.resolve(self.weights_dir, key)
+
+    # artifacts ----------------------------------------------------------------------------
+    def read_path(self, stage: str, name: str) -> Path:
+        p = self.job.path(stage, name)
+        if not p.exists():
+            raise BadInputError(f"{p} is missing: stage '{stage}' has not produced it; rerun to recompute it")
+        return p
+
+    def load_tensors(self, stage: str, name: str = "outputs.safetensors") -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.read_path(stage, name)))
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        with self.write_file(name) as tmp:
+            save_file(clean, str(tmp), metadata=metadata)
+        return self.job.path(self.name, name)
+
+    def save_image(self, name: str, image: np.ndarray | torch.Tensor) -> Path:
+        """Save HxWxC (or CxHxW tensor) in [0,1] float or uint8 as PNG."""
+        from PIL import Image
+
+        if isinstance(image, torch.Tensor):
+            image = image.detach().float().cpu()
+            if image.ndim == 3 and image.shape[0] in (1, 3, 4):
+                image = image.permute(1, 2, 0)
+            image = image.numpy()
+        if image.dtype != np.uint8:
+            image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
+        with self.write_file(name) as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
+        return self.job.path(self.name, name)
+
+    @contextlib.contextmanager
+    def write_file(self, name: str) -> Iterator[Path]:
+        """Atomic write of an output file named `name` inside this stage's folder."""
+        with atomic_path(self.job.path(self.name, name)) as tmp:
+            yield tmp
+        if name not in self._outputs:
+            self._outputs.append(name)
+
+    def record(self, **kv: Any) -> None:
+        """Add facts to the manifest (NFE used, iterations, vertex counts ...)."""
+        self._extras.update(kv)
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.name}] {msg}", file=sys.stderr, flush=True)
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _inject_fault(name: str, attempt: int) -> None:
+    spec = os.environ.get(FAULTS_ENV, "")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) < 2 or parts[0] != name:
+            continue
+        kind = parts[1]
+        upto = int(parts[2]) if len(parts) > 2 else 1
+        if attempt > upto:
+            continue
+        if kind == "oom":
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory (injected by {FAULTS_ENV}={spec!r}, attempt {attempt})")
+        if kind == "oom_runtime":
+            raise RuntimeError(f"CUDA error: out of memory (injected, attempt {attempt})")
+        if kind == "crash":
+            raise RuntimeError(f"injected crash (attempt {attempt})")
+        if kind == "sleep":
+            time.sleep(float(parts[3]) if len(parts) > 3 else 3600.0)
+
+
+def _apply_cap(ctx: StageContext) -> None:
+    if ctx.device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise _NoDevice(f"the plan runs on {ctx.plan.device} but torch sees no CUDA GPU; use --device cpu --tiny")
+    torch.cuda.set_device(ctx.device)
+    if ctx.cap_bytes:
+        total = torch.cuda.get_device_properties(ctx.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, ctx.cap_bytes / total)), ctx.device)
+    torch.cuda.reset_peak_memory_stats(ctx.device)
+
+
+class _NoDevice(RuntimeError):
+    pass
+
+
+def _peaks(ctx: StageContext) -> dict[str, int]:
+    if ctx.device.type == "cuda" and torch.cuda.is_available():
+        return {
+            "torch_peak_allocated": int(torch.cuda.max_memory_allocated(ctx.device)),
+            "torch_peak_reserved": int(torch.cuda.max_memory_reserved(ctx.device)),
+        }
+    return {"torch_peak_allocated": 0, "torch_peak_reserved": 0}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stage_main(
+    name: str,
+    run: Callable[[StageContext, Any], None],
+    prepare: Callable[[StageContext], Any] | None = None,
+    argv: list[str] | None = None,
+) -> None:
+    """Entry point of every stage process. Never returns: exits with the contract's code."""
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{name}")
+    ap.add_argument("job_dir")
+    ap.add_argument("--weights", default="")
+    ap.add_argument("--profile", default="real")
+    ap.add_argument("--prestart", action="store_true", help="prepare, print 'ready', wait for 'go' on stdin")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    ctx = StageContext(Path(args.job_dir), name, args.weights, args.profile)
+    t_import = time.time() - _process_start()
+    code = EXIT_OK
+    phase = "prepare"
+    try:
+        t = time.time()
+        prepared = prepare(ctx) if prepare else None
+        ctx.timings["prepare_s"] = time.time() - t
+        if args.prestart:
+            print(f"ready {time.time() - T0:.3f}", flush=True)
+            t = time.time()
+            line = sys.stdin.readline().strip()
+            ctx.timings["wait_s"] = time.time() - t
+            if line != "go":
+                sys.exit(EXIT_OK)  # the runner no longer needs this process
+        phase = "run"
+        ctx._load_request()
+        ctx.job.clear_error(name)
+        _apply_cap(ctx)
+        _inject_fault(name, ctx.attempt)
+        t = time.time()
+        run(ctx, prepared)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        ctx.timings["run_s"] = time.time() - t
+        ctx.timings["import_s"] = t_import
+        manifest = {
+            "stage": name,
+            "key": ctx.request.get("key", ""),
+            "attempt": ctx.attempt,
+            "plan": ctx.plan.to_dict(),
+            "outputs": list(ctx._outputs),
+            "timings": ctx.timings,
+            "device": str(ctx.device),
+            "cap_bytes": ctx.cap_bytes,
+            "extras": ctx._extras,
+            **_peaks(ctx),
+        }
+        ctx.job.write_manifest(name, manifest)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the contract maps every failure to a code
+        code, kind = _classify(exc)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if code == 1:
+            traceback.print_exc()
+        print(f"[{name}] {kind}: {msg}", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            if phase == "run" or code != EXIT_INTERRUPTED:
+                ctx.job.write_error(name, {
+                    "stage": name, "kind": kind, "exit_code": code, "message": msg,
+                    "attempt": ctx.attempt, "cap_bytes": ctx.cap_bytes, "phase": phase,
+                    "missing": [list(m) for m in getattr(exc, "items", [])], **_peaks(ctx),
+                })
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: CUDA memory is returned by the driver at once
+
+
+def _classify(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    if is_oom(exc):
+        return EXIT_OOM, "oom"
+    if isinstance(exc, checkpoints.MissingWeightsError):
+        return EXIT_MISSING_WEIGHTS, "missing_weights"
+    if isinstance(exc, BadInputError):
+        return EXIT_BAD_INPUT, "bad_input"
+    if isinstance(exc, _NoDevice):
+        return EXIT_NO_DEVICE, "no_device"
+    if _is_disk_full(exc):
+        return EXIT_DISK_FULL, "disk_full"
+    return 1, "bug"
+
+
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # pragma: no cover
+        return T0
