@@ -22,3 +22,9 @@ def write_tiny_weights(weights_dir: Path | str, seed: int = 0) -> Path:
     write_tiny_body_model(root, seed)  # human_models/...
     (root / ".tiny").write_text("tiny random weights: a smoke test, not a reconstruction\n")
     return root
+
+
+if __name__ == "__main__":  # `python -m up2you.tiny DIR`: the orchestrator's way to make them without importing torch
+    import sys
+
+    print(write_tiny_weights(sys.argv[1]))
