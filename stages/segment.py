@@ -1,0 +1,86 @@
+"""Stage `segment`: photos -> mattes -> upstream's canonical gray-background references at 768 px.
+
+Reads JOB/inputs.msgpack; writes outputs.safetensors {ref_rgbs (Nr,3,768,768), ref_alphas (Nr,768,768)}
+and ref_XX.png (the 1024^2 RGBA canvas, upstream's `ref_imgs/{i}.png`).
+GPU use: BiRefNet alone (fp32, as upstream), one photo at a time at 1024^2; photos that already carry
+an alpha never reach it. Profile full-random has no honest full-size BiRefNet (its architecture is
+its remote code), so it uses the photo's own alpha or a full one and records that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stages.harness import BadInputError, StageContext, stage_main
+from up2you.encoders.preprocess import PhotoError, attach_alpha, canonicalise, open_photo, reference_tensors
+
+NAME = "segment"
+
+
+def prepare(ctx: StageContext) -> Any:
+    """BiRefNet into host memory (real/tiny); nothing for full-random."""
+    if ctx.profile == "full-random":
+        return None
+    from up2you.encoders.birefnet import load_birefnet
+
+    return load_birefnet(ctx.ckpt("birefnet"), "cpu", torch.float32)
+
+
+def _open_all(photos: list[Path]) -> list[Image.Image]:
+    images = []
+    for path in photos:
+        try:
+            images.append(open_photo(path))
+        except PhotoError as exc:
+            raise BadInputError(f"{path}: {exc}; replace or remove this photo") from exc
+    return images
+
+
+def _matte(model: torch.nn.Module | None, im: Image.Image) -> torch.Tensor:
+    """BiRefNet's alpha for an RGB photo; a full alpha when there is no model (full-random)."""
+    if model is None:
+        return torch.ones(im.size[1], im.size[0])
+    from up2you.encoders.birefnet import predict_alpha
+
+    pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return predict_alpha(model, pixels)[0]
+
+
+def run(ctx: StageContext, prepared: Any) -> None:
+    photos = ctx.input_photos()
+    if not photos:
+        raise BadInputError("inputs.msgpack: no photos; give at least one photo of the person")
+    images = _open_all(photos)  # every photo decoded before the GPU is touched
+    model: torch.nn.Module | None = prepared
+    to_matte = sum(im.mode != "RGBA" for im in images)
+    if model is not None and to_matte:
+        model.to(ctx.device)
+    rgbs, alphas = [], []
+    for i, (path, im) in enumerate(zip(photos, images, strict=True)):
+        if im.mode != "RGBA":
+            im = attach_alpha(im, _matte(model, im))
+        try:
+            canvas = canonicalise(im)
+        except PhotoError as exc:
+            raise BadInputError(f"{path}: {exc}; use a photo in which the person is clearly visible") from exc
+        ctx.save_image(f"ref_{i:02d}.png", np.asarray(canvas, dtype=np.uint8))
+        rgb, alpha = reference_tensors(canvas)
+        rgbs.append(rgb)
+        alphas.append(alpha)
+    if model is not None:
+        model.to("cpu")
+        ctx.free_memory()
+    ctx.save_tensors("outputs.safetensors", {"ref_rgbs": torch.stack(rgbs), "ref_alphas": torch.stack(alphas)})
+    ctx.record(n_refs=len(photos), alpha_kept=len(photos) - to_matte,
+               birefnet_runs=to_matte if model is not None else 0)
+    if model is None:
+        ctx.record(birefnet="not measured (full-random: the photo's alpha or a full alpha)")
+
+
+if __name__ == "__main__":
+    stage_main(NAME, run, prepare)
