@@ -124,7 +124,7 @@ UP2YOU = Pipeline(
         StageSpec("mesh", "stages.mesh", reads=("apose", "rgb", "normal"),
                   knobs=("views", "mesh_iters", "mesh_resolution"), checkpoints=("smplx", "mano_ids", "smplx_lmkid"),
                   doc="continuous remeshing from SMPL-X, hands, Poisson, vertex colours"),
-        StageSpec("video", "stages.video", reads=("mesh", "rgb"),
+        StageSpec("video", "stages.video", reads=("mesh", "rgb", "normal"),
                   knobs=("video_frames", "video_resolution"), doc="turntable video and contact sheet"),
     )
 )

@@ -1,0 +1,99 @@
+"""Stage `mesh`: the textured body — continuous remeshing from SMPL-X towards the generated normals,
+SMPL-X hands swapped in, screened Poisson, vertex colours projected from the generated RGB views.
+
+Everything runs in the normalised frame (body +/-1.8, cameras radius 2: the framing of the generated
++/-0.9 images); outputs are scaled back to SMPL-X metres.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.harness import BadInputError, StageContext, stage_main
+
+NAME = "mesh"
+BOUND, RADIUS = 1.8, 2.0
+POISSON_DEPTH = 10
+
+
+def prepare(ctx: StageContext) -> Any:
+    """Hand vertex ids (restricted unpickler) and per-vertex landmark ids."""
+    from up2you.geometry.assets import hand_assets
+
+    return hand_assets(ctx.ckpt, ctx.profile)
+
+
+def _views(ctx: StageContext, stage: str, n: int, required: bool) -> dict[str, torch.Tensor] | None:
+    if not required and not ctx.job.path(stage, "outputs.safetensors").exists():
+        return None
+    t = ctx.load_tensors(stage)
+    imgs, alphas = t.get("images"), t.get("alphas")
+    if imgs is None or alphas is None or imgs.shape[0] != n or alphas.shape[0] != n or imgs.shape[1] != 3:
+        raise BadInputError(f"{stage}/outputs.safetensors: need images (N,3,R,R) and alphas (N,R,R) for "
+                            f"N={n} views; rerun the {stage} stage")
+    return t
+
+
+def run(ctx: StageContext, assets: Any) -> None:
+    from up2you.geometry.colors import project_colors
+    from up2you.geometry.hands import replace_hands
+    from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals
+    from up2you.geometry.poisson import poisson
+    from up2you.geometry.reconstruct import fit_mesh, normal_targets
+    from up2you.render import get_rasterizer
+    from up2you.views import color_weights
+
+    hand_ids, lmk = assets
+    plan, dev = ctx.plan, ctx.device
+    ap = ctx.load_tensors("apose")
+    yaws = [float(y) for y in ap["yaws"]]
+    rgb = _views(ctx, "rgb", len(yaws), required=True)
+    nrm = _views(ctx, "normal", len(yaws), required=True)
+    body_m, body_f = ap["smplx_verts"].float(), ap["smplx_faces"].long()
+    if hand_ids.max(initial=0) >= body_m.shape[0] or lmk.shape[0] != body_m.shape[0]:
+        raise BadInputError("apose/outputs.safetensors: SMPL-X vertex count does not match the hand/landmark "
+                            "assets; rerun apose with the same weights")
+    body_n, centre, scale = normalize_to_bound(body_m, BOUND)
+    raster = get_rasterizer(dev)
+    target, mask = normal_targets(nrm["images"], nrm["alphas"], plan.mesh_resolution)
+    del nrm
+
+    def log(it: int, loss: float, n_faces: int) -> None:
+        if it % 50 == 0 or it == plan.mesh_iters - 1:
+            ctx.log(f"iter {it}: loss {loss:.4f}, {n_faces} faces")
+
+    verts, faces, losses = fit_mesh(raster, body_n.to(dev), body_f.to(dev), target.to(dev), mask.to(dev), yaws,
+                                    plan.mesh_iters, RADIUS, on_step=log)
+    del target, mask
+    ctx.free_memory()
+    v, f = replace_hands(verts.cpu().numpy(), faces.cpu().numpy(), body_n.numpy(), body_f.numpy(), hand_ids, lmk)
+    normals = vertex_normals(torch.from_numpy(v).float(), torch.from_numpy(f).long()).numpy()
+    pv, pf = poisson(v, normals, depth=POISSON_DEPTH)
+    pv_t, pf_t = torch.from_numpy(pv).to(dev), torch.from_numpy(pf).to(dev)
+    colors = project_colors(raster, pv_t, pf_t, rgb["images"].to(dev), rgb["alphas"].to(dev), yaws,
+                            color_weights(yaws), RADIUS, plan.mesh_resolution).cpu()
+    verts_m = torch.from_numpy(pv) / scale + centre
+    _write(ctx, verts_m.float(), torch.from_numpy(pf).long(), colors.float())
+    ctx.record(iterations=plan.mesh_iters, loss_first=losses[0] if losses else None,
+               loss_last=losses[-1] if losses else None, remeshed_faces=int(faces.shape[0]),
+               vertices=int(pv.shape[0]), faces=int(pf.shape[0]))
+
+
+def _write(ctx: StageContext, verts: torch.Tensor, faces: torch.Tensor, colors: torch.Tensor) -> None:
+    import trimesh
+
+    ctx.save_tensors("outputs.safetensors", {"verts": verts, "faces": faces, "colors": colors})
+    rgba = np.concatenate([(colors.numpy() * 255 + 0.5).astype(np.uint8),
+                           np.full((len(colors), 1), 255, np.uint8)], axis=1)
+    mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), vertex_colors=rgba, process=False)
+    with ctx.write_file("mesh.obj") as tmp:
+        mesh.export(tmp, file_type="obj")
+    with ctx.write_file("mesh.glb") as tmp:
+        mesh.export(tmp, file_type="glb")
+
+
+if __name__ == "__main__":
+    stage_main(NAME, run, prepare)

@@ -1,0 +1,96 @@
+"""Stage `video`: turntables of the coloured mesh and of its normals, and a contact sheet of the views.
+
+Frames are rasterised `plan.video_chunk` at a time and streamed into the encoders, so memory is
+bounded by the chunk, not the frame count (upstream rendered all 64 frames at 1024^2 in one batch).
+The circle is full: frame i is at i*360/frames degrees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.harness import BadInputError, StageContext, stage_main
+
+NAME = "video"
+BOUND, RADIUS, FPS = 0.925, 1.0, 24
+
+
+def run(ctx: StageContext, _: Any) -> None:
+    from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals
+    from up2you.render import get_rasterizer
+    from up2you.render.camera import orbit_mvps
+    from up2you.render.draw import normal_attr, render_attr
+
+    plan, dev = ctx.plan, ctx.device
+    m = ctx.load_tensors("mesh")
+    if any(k not in m for k in ("verts", "faces", "colors")) or m["faces"].numel() == 0:
+        raise BadInputError("mesh/outputs.safetensors: need non-empty verts, faces, colors; rerun the mesh stage")
+    verts, _, _ = normalize_to_bound(m["verts"].float(), BOUND)
+    verts, faces, colors = verts.to(dev), m["faces"].long().to(dev), m["colors"].float().to(dev)
+    normals = normal_attr(vertex_normals(verts, faces))
+    raster = get_rasterizer(dev)
+    frames = plan.video_frames
+    yaws = [i * 360.0 / frames for i in range(frames)]
+    chunk = max(1, plan.video_chunk)
+    with ctx.write_file("turntable.mp4") as t_rgb, ctx.write_file("normals.mp4") as t_nrm:
+        w_rgb, w_nrm = _writer(t_rgb), _writer(t_nrm)
+        try:
+            for start in range(0, frames, chunk):
+                mvps = orbit_mvps(yaws[start : start + chunk], RADIUS).to(dev)
+                with torch.no_grad():
+                    for attr, writer in ((colors, w_rgb), (normals, w_nrm)):
+                        img, _ = render_attr(raster, verts, faces, attr, mvps, plan.video_resolution, 1.0)
+                        for frame in _to_uint8(img):
+                            writer.append_data(frame)
+                        del img
+        finally:
+            w_rgb.close()
+            w_nrm.close()
+    ctx.save_image("contact_sheet.png", _contact_sheet(ctx))
+    ctx.record(frames=frames, chunk=chunk, fps=FPS)
+
+
+def _writer(path: Any) -> Any:
+    import imageio.v2 as imageio
+
+    return imageio.get_writer(str(path), format="FFMPEG", mode="I", fps=FPS, codec="libx264", quality=8)
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    return (img.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def _contact_sheet(ctx: StageContext, tile: int = 256, cols: int = 10) -> np.ndarray:
+    """Generated RGB views (and normal views when present) on white, each labelled with its yaw."""
+    from PIL import Image, ImageDraw
+
+    from up2you.views import view_yaws
+
+    rows_of: list[tuple[str, dict[str, torch.Tensor]]] = [("rgb", ctx.load_tensors("rgb"))]
+    if ctx.job.path("normal", "outputs.safetensors").exists():
+        rows_of.append(("normal", ctx.load_tensors("normal")))
+    n = rows_of[0][1]["images"].shape[0]
+    yaws = view_yaws(n)
+    cols = min(cols, n)
+    per = -(-n // cols)
+    size = min(tile, rows_of[0][1]["images"].shape[-1])
+    sheet = Image.new("RGB", (cols * size, per * len(rows_of) * size), "white")
+    draw = ImageDraw.Draw(sheet)
+    for block, (kind, t) in enumerate(rows_of):
+        imgs = t["images"].float().clamp(0, 1)
+        alphas = t["alphas"].float().clamp(0, 1)[:, None]
+        on_white = imgs * alphas + (1 - alphas)
+        small = torch.nn.functional.interpolate(on_white, size=(size, size), mode="bilinear", antialias=True)
+        for i in range(min(n, small.shape[0])):
+            r, k = divmod(i, cols)
+            x, y = k * size, (block * per + r) * size
+            sheet.paste(Image.fromarray(_to_uint8(small[i : i + 1])[0]), (x, y))
+            draw.text((x + 4, y + 4), f"{kind} {yaws[i]:g}°", fill=(0, 0, 0))
+    return np.asarray(sheet)
+
+
+if __name__ == "__main__":
+    stage_main(NAME, run)

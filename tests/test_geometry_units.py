@@ -1,0 +1,112 @@
+"""Geometry building blocks: view yaws, colour weights, the restricted unpickler, the synthetic body,
+remeshing ops and that continuous remeshing reduces a normal+mask loss."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from up2you.geometry.mesh_ops import unique_edges, vertex_normals
+from up2you.geometry.optimizer import MeshOptimizer, RemeshSettings
+from up2you.geometry.remesh import remesh, split_long_edges
+from up2you.geometry.safe_pickle import UnsafePickleError, load_numpy_pickle
+from up2you.geometry.tiny import PARENTS, _ellipsoid, synthetic_body
+from up2you.render.camera import orbit_mvps
+from up2you.render.draw import normal_attr, render_attr
+from up2you.render.torch_raster import TorchRasterizer
+from up2you.views import color_weights, view_yaws
+
+
+def test_view_yaws() -> None:
+    assert view_yaws(6) == [0, 45, 90, 180, 270, 315]
+    assert view_yaws(4) == [0, 90, 180, 270]
+    assert view_yaws(20)[1] == 18 and len(view_yaws(12)) == 12
+
+
+@pytest.mark.parametrize("n", [6, 12, 20])
+def test_color_weights_symmetric(n: int) -> None:
+    yaws = view_yaws(n)
+    w = dict(zip(yaws, color_weights(yaws), strict=True))
+    for y, wy in w.items():
+        assert color_weights([-y])[0] == pytest.approx(wy)  # left/right mirror
+        assert color_weights([180 - y])[0] == pytest.approx(wy)  # front/back
+    assert w[0] == pytest.approx(1.0) and w[180] == pytest.approx(1.0)
+    if 90 in w:
+        assert w[90] == pytest.approx(0.8) and w[270] == pytest.approx(0.8)
+
+
+def test_restricted_unpickler(tmp_path: Path) -> None:
+    good = tmp_path / "ids.pkl"
+    good.write_bytes(pickle.dumps({"left_hand": np.arange(4), "right_hand": np.arange(4, 8)}, protocol=2))
+    assert load_numpy_pickle(good)["right_hand"].tolist() == [4, 5, 6, 7]
+
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204 - what a malicious pickle does
+            import os
+
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "evil.pkl"
+    bad.write_bytes(pickle.dumps({"left_hand": Evil()}))
+    with pytest.raises(UnsafePickleError):
+        load_numpy_pickle(bad)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_synthetic_body_format() -> None:
+    body, hands, lmk = synthetic_body(0)
+    assert body["v_template"].shape == (10475, 3) and body["J_regressor"].shape == (55, 10475)
+    assert body["weights"].shape == (10475, 55) and body["posedirs"].shape == (10475, 3, 486)
+    assert np.allclose(body["J_regressor"].sum(1), 1.0)
+    assert PARENTS[25] == 20 and PARENTS[27] == 26 and PARENTS[40] == 21
+    assert lmk.shape == (10475,) and lmk.dtype == np.int64 and (lmk[hands["left_hand"]] >= 20).all()
+    assert (lmk < 20).sum() > 9000
+
+
+def _sphere(rings: int = 10, segs: int = 16, radii=(1.0, 1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    v, f = _ellipsoid((0, 0, 0), radii, 1, rings, segs)
+    return torch.tensor(v, dtype=torch.float32), torch.tensor(f, dtype=torch.long)
+
+
+def _is_closed_manifold(faces: torch.Tensor) -> bool:
+    _, f2e = unique_edges(faces)
+    return bool((torch.bincount(f2e.reshape(-1)) == 2).all())
+
+
+def test_split_and_remesh_keep_a_closed_manifold() -> None:
+    v, f = _sphere()
+    vd, f2 = split_long_edges(v, f, torch.full((v.shape[0],), 0.05))
+    assert f2.shape[0] == 4 * f.shape[0] and _is_closed_manifold(f2)
+    assert torch.allclose(vd[: v.shape[0]], v)
+    for ref in (0.1, 0.5):  # refine, then coarsen
+        vd, f2 = remesh(vd, f2, torch.full((vd.shape[0],), ref * 0.5), torch.full((vd.shape[0],), ref * 1.5))
+        assert _is_closed_manifold(f2)
+        edges, _ = unique_edges(f2)
+        lengths = (vd[edges[:, 0]] - vd[edges[:, 1]]).norm(dim=1)
+        assert float(lengths.max()) < 3 * ref
+    assert vd.shape[0] < 2000
+
+
+def test_remeshing_reduces_loss_towards_a_target() -> None:
+    torch.manual_seed(0)
+    r = TorchRasterizer()
+    mvps = orbit_mvps([0, 90, 180, 270], 2.0)
+    vt, ft = _sphere(24, 32, (1.2, 1.5, 0.7))
+    with torch.no_grad():
+        target, mask = render_attr(r, vt, ft, normal_attr(vertex_normals(vt, ft)), mvps, 48, 0.0)
+    opt = MeshOptimizer(*_sphere(), RemeshSettings())
+    losses = []
+    for _ in range(15):
+        v, f = opt.vertices, opt.faces
+        img, alpha = render_attr(r, v, f, normal_attr(vertex_normals(v, f)), mvps, 48, 0.0)
+        loss = (img - target).abs().mean() + (alpha - mask).abs().mean()
+        loss.backward()
+        opt.step()
+        opt.remesh()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    assert _is_closed_manifold(opt.faces)

@@ -1,0 +1,27 @@
+"""Screened Poisson surface reconstruction through pymeshlab (instead of upstream's Open3D)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from up2you.geometry.mesh_ops import largest_component
+
+
+def poisson(verts: np.ndarray, normals: np.ndarray, depth: int = 10, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Watertight surface through oriented points (vertices + unit normals); largest component only.
+
+    `threads` 0 means every core. Returns float32 vertices and int64 faces.
+    """
+    import os
+
+    import pymeshlab
+
+    ms = pymeshlab.MeshSet()
+    ms.add_mesh(pymeshlab.Mesh(vertex_matrix=np.asarray(verts, np.float64),
+                               v_normals_matrix=np.asarray(normals, np.float64)))
+    ms.generate_surface_reconstruction_screened_poisson(depth=depth, preclean=True,
+                                                        threads=threads or (os.cpu_count() or 1))
+    m = ms.current_mesh()
+    v = m.vertex_matrix().astype(np.float32)
+    f = m.face_matrix().astype(np.int64)
+    return largest_component(v, f)

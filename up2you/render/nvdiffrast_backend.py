@@ -1,0 +1,85 @@
+"""nvdiffrast (CUDA) behind the `Rasterizer` interface, with a build that happens once per machine.
+
+How nvdiffrast gets built (for the README):
+
+- We depend on `diffrp-nvdiffrast` (PyPI), which ships nvdiffrast's C++/CUDA sources; nvdiffrast
+  JIT-compiles its plugin with `torch.utils.cpp_extension.load` on first use (about 24 s on an H100;
+  it needs nvcc and a host compiler).
+- The build goes to a persistent folder, `$TORCH_EXTENSIONS_DIR` if set, else
+  `$XDG_CACHE_HOME/up2you-budget/torch_extensions` (default `~/.cache/up2you-budget/torch_extensions`),
+  so the first stage process on a machine builds it and every later process (and run) only imports
+  it. `torch.utils.cpp_extension` holds a file lock in the build folder, so concurrent first builds
+  wait for each other; a build killed at the wrong moment can leave a stale `lock` file there that
+  makes later builds wait forever: delete that file.
+- Newer torch (seen with 2.11) builds the plugin but no longer puts the build folder on `sys.path`,
+  so nvdiffrast's final `importlib.import_module(plugin)` fails with ModuleNotFoundError. We put the
+  folder on `sys.path` before nvdiffrast looks, which is harmless on torch versions that did it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_STATE: dict[str, Any] = {}
+
+
+def extensions_dir() -> Path:
+    """The persistent folder torch extensions are built in (see the module docstring)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "up2you-budget" / "torch_extensions"
+
+
+def load_nvdiffrast() -> tuple[Any, float]:
+    """Import nvdiffrast.torch with its CUDA plugin built and importable; returns (module, seconds).
+
+    Idempotent within a process; the seconds are those spent here (the build, if it happened).
+    """
+    if "dr" in _STATE:
+        return _STATE["dr"], 0.0
+    t0 = time.time()
+    root = extensions_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
+    import nvdiffrast
+    import nvdiffrast.torch as dr
+    import torch.utils.cpp_extension as cpp_ext
+    from nvdiffrast.torch import ops
+
+    plugin = ops.sanitize_name(f"nvdiffrast_plugin_{nvdiffrast.__version__}_torch{torch.__version__}")
+    build_dir = cpp_ext._get_build_directory(plugin, False)
+    if build_dir not in sys.path:
+        sys.path.insert(0, build_dir)
+    ops._get_plugin(gl=False)
+    _STATE["dr"] = dr
+    return dr, time.time() - t0
+
+
+class NvdiffrastRasterizer:
+    """nvdiffrast's CUDA rasterizer; one context per process (no display or EGL needed)."""
+
+    def __init__(self, device: torch.device | str = "cuda") -> None:
+        self.device = torch.device(device)
+        self._dr, self.build_seconds = load_nvdiffrast()
+        self._ctx = self._dr.RasterizeCudaContext(device=self.device)
+
+    def rasterize(self, pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
+        rast, _ = self._dr.rasterize(self._ctx, pos.contiguous(), tri.int().contiguous(), list(resolution),
+                                     grad_db=False)
+        return rast
+
+    def interpolate(self, attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+        out, _ = self._dr.interpolate(attr.contiguous(), rast, tri.int().contiguous())
+        return out
+
+    def antialias(
+        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor
+    ) -> torch.Tensor:
+        return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri.int().contiguous())
