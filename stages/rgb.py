@@ -1,0 +1,108 @@
+"""Stage `rgb`: N RGB views of the person from the reference photos (UP2You's image-to-multi-view).
+
+Reads segment (ref_rgbs), apose (poses) and weights (weight_maps); writes outputs.safetensors
+{images (N,3,R,R), alphas (N,R,R)} and view_XX.png (RGBA). Each target view attends to the top-K
+reference tokens chosen by its weight maps. The helpers here are shared with stage `normal`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from stages.harness import BadInputError, StageContext, stage_main
+from up2you.diffusion.models import DiffusionModels, load_for_profile
+from up2you.diffusion.pipeline import RGB_PROMPT, MultiViewSampler, SamplerOptions
+
+NAME = "rgb"
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers warn on every dtype cast and draw progress bars; stage logs stay readable."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def load_models(ctx: StageContext, adapter_key: str) -> DiffusionModels:
+    """Host-memory models for the profile; a missing file raises MissingWeightsError (exit 66)."""
+    quiet_libraries()
+    if ctx.profile == "full-random":
+        return load_for_profile("full-random", None, None)
+    return load_for_profile(ctx.profile, ctx.ckpt("sd21"), ctx.ckpt(adapter_key))
+
+
+def expect(name: str, t: torch.Tensor, shape: tuple[int | None, ...], fix: str) -> None:
+    """Raise BadInputError unless t has `shape` (None matches any size)."""
+    ok = t.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape, strict=True))
+    if not ok:
+        raise BadInputError(f"{name}: shape {tuple(t.shape)}, expected {shape}; {fix}")
+
+
+def to_resolution(images: torch.Tensor, res: int) -> torch.Tensor:
+    """Refs are stored at 768 px; bring them to the plan's resolution."""
+    if images.shape[-1] == res:
+        return images
+    return F.interpolate(images, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
+
+
+def read_poses(ctx: StageContext) -> torch.Tensor:
+    p = ctx.plan
+    poses = ctx.load_tensors("apose")["poses"].float()
+    expect("apose/outputs.safetensors poses", poses, (p.views, 3, p.resolution, p.resolution),
+           "rerun stage apose with this plan's views and resolution")
+    return poses
+
+
+def sample(ctx: StageContext, models: DiffusionModels, prompt: str, control: torch.Tensor,
+           references: torch.Tensor, weight_maps: torch.Tensor | None) -> torch.Tensor:
+    """Run the sampler with the plan's knobs and record what it did (NFE, THG refreshes, timings)."""
+    sampler = MultiViewSampler(models, ctx.device, ctx.dtype, SamplerOptions.from_plan(ctx.plan), log=ctx.log)
+    result = sampler(prompt, control, references, weight_maps)
+    ctx.record(**{f"diffusion_{k}": v for k, v in result.stats.items()})
+    return result.images
+
+
+def finish(ctx: StageContext, images: torch.Tensor, png_prefix: str) -> None:
+    """Alpha of every view with BiRefNet (the UNet is gone by now), then outputs and RGBA PNGs."""
+    if ctx.profile == "full-random":
+        alphas = torch.ones(images.shape[0], *images.shape[-2:])
+        ctx.record(alpha="skipped in profile full-random: all ones")
+    else:
+        from up2you.encoders.birefnet import load_birefnet, predict_alpha
+
+        model = load_birefnet(ctx.ckpt("birefnet"), ctx.device, torch.float32)
+        alphas = predict_alpha(model, images.to(ctx.device)).float().cpu()
+        del model
+        ctx.free_memory()
+        ctx.record(alpha="birefnet")
+    ctx.save_tensors("outputs.safetensors", {"images": images.float().contiguous(), "alphas": alphas.contiguous()})
+    for i, (img, a) in enumerate(zip(images, alphas, strict=True)):
+        ctx.save_image(f"{png_prefix}_{i:02d}.png", torch.cat([img, a[None]]))
+
+
+def prepare(ctx: StageContext) -> Any:
+    return load_models(ctx, "rgb_adapter")
+
+
+def run(ctx: StageContext, prepared: Any) -> None:
+    p = ctx.plan
+    poses = read_poses(ctx)
+    refs = ctx.load_tensors("segment")["ref_rgbs"].float()
+    expect("segment/outputs.safetensors ref_rgbs", refs, (None, 3, None, None), "rerun stage segment")
+    nr = refs.shape[0]
+    weight_maps = ctx.load_tensors("weights")["weight_maps"].float()
+    expect("weights/outputs.safetensors weight_maps", weight_maps, (p.views, nr, None, None),
+           "rerun stage weights (one map per view and reference photo)")
+    with torch.inference_mode():
+        images = sample(ctx, prepared, RGB_PROMPT, poses, to_resolution(refs, p.resolution), weight_maps)
+    finish(ctx, images, "view")
+
+
+if __name__ == "__main__":
+    stage_main(NAME, run, prepare)
