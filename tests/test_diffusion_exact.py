@@ -22,7 +22,11 @@ from up2you.diffusion.processors import AttentionContext, MVRefAttnProcessor, ro
 from up2you.diffusion.scheduler import SD21_SCHEDULER_CONFIG, make_scheduler
 from up2you.diffusion.selector import select_topk
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():  # per test, not at import: a global switch would leak into other test modules
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")
