@@ -1,0 +1,330 @@
+"""Run a Pipeline's stages one process at a time; on out-of-memory, learn, re-plan and retry.
+
+The runner owns the loop and nothing else: planning is `orchestrator.planner`, the child protocol
+`orchestrator.process`, measuring `orchestrator.monitor`. While stage i runs, stage i+1's process is
+already importing and loading weights into host memory (pre-start); it gets `go` only after stage i
+has exited, so two stages never hold GPU memory at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from budgets.table import BudgetTable, predict
+from orchestrator.corrections import Corrections, oom_factor
+from orchestrator.monitor import MemorySampler, Sample
+from orchestrator.planner import Constraints, NoPlanFits, PlanChoice, StageFit, choose_plan
+from orchestrator.probe import GpuInfo, Probe
+from orchestrator.process import StageProcess
+from orchestrator.sizes import gib
+from stages.jobfs import JobDir
+from stages.plan import Plan
+from stages.spec import EXIT_INTERRUPTED, EXIT_MEANINGS, EXIT_OK, EXIT_OOM, Pipeline, StageSpec
+
+AUTO_RESERVE = 256 * 2**20  # free memory left untouched when the budget follows what is free
+POLL_S = 0.05
+MAX_SAMPLES_IN_REPORT = 2000  # per attempt in run.json (a 20-minute stage sampled at 20 Hz has 24000)
+
+
+@dataclass
+class Attempt:
+    """One stage process that ran (or a stage skipped because its result was already there)."""
+
+    stage: str
+    attempt: int
+    outcome: str  # ok | skipped | oom | interrupted | bad input | missing weights | ...
+    exit_code: int | None
+    key: str
+    plan_label: str
+    predicted_bytes: int  # NVML-visible: allocator prediction (corrected) + context
+    cap_bytes: int | None
+    measured_gpu_bytes: int | None = None
+    measured_rss_bytes: int | None = None
+    torch_peak_allocated: int | None = None
+    started_s: float = 0.0  # since the job started
+    wall_s: float = 0.0
+    hidden_startup_s: float = 0.0
+    ready_s: float | None = None  # when the process said `ready` (pre-start done), since the job started
+    message: str = ""
+    samples: list[Sample] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "samples"}
+        step = max(1, len(self.samples) // MAX_SAMPLES_IN_REPORT)
+        d["samples"] = [[round(s.t, 3), s.gpu_bytes, s.rss_bytes] for s in self.samples[::step]]
+        return d
+
+
+@dataclass
+class Replan:
+    after_stage: str
+    reason: str
+    before: str
+    after: str
+    invalidated: list[str]
+
+
+@dataclass
+class PipelineResult:
+    exit_code: int
+    message: str
+    choice: PlanChoice
+    attempts: list[Attempt]
+    replans: list[Replan]
+    budget_bytes: int
+    overlap_saved_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == EXIT_OK
+
+
+@dataclass
+class RunContext:
+    """Everything the loop needs that is fixed for the job."""
+
+    job: JobDir
+    pipeline: Pipeline
+    table: BudgetTable
+    n_refs: int
+    inputs_key: str
+    constraints: Constraints
+    base: Plan
+    budget_bytes: int
+    corrections: Corrections
+    probe: Probe | None = None
+    gpu: GpuInfo | None = None
+    max_retries: int = 3
+    wait_for_vram_s: float = 0.0
+    weights_dir: str = ""
+    on_event: Callable[[str, Any], None] = lambda kind, payload: None
+
+
+class StageFailed(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+def child_env(gpu: GpuInfo | None) -> dict[str, str]:
+    """The environment of a stage process: our source tree importable, one GPU visible, no fragmentation."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    env["PYTHONUNBUFFERED"] = "1"
+    if gpu is not None:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = gpu.cuda_visible_id
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+class Runner:
+    def __init__(self, ctx: RunContext, choice: PlanChoice) -> None:
+        self.ctx = ctx
+        self.choice = choice
+        self.budget = ctx.budget_bytes
+        self.t0 = time.monotonic()
+        self.env = child_env(ctx.gpu)
+        self.attempts: list[Attempt] = []
+        self.replans: list[Replan] = []
+        self.prestarted: dict[str, StageProcess] = {}
+        self.running: StageProcess | None = None
+        self.tries: Counter[str] = Counter()
+        self.retries = 0
+        self.overlap_saved = 0.0
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> PipelineResult:
+        code, message = EXIT_OK, "done"
+        try:
+            self._loop()
+        except StageFailed as exc:
+            code, message = exc.code, str(exc)
+        except KeyboardInterrupt:
+            code, message = EXIT_INTERRUPTED, "interrupted: the running stage was stopped; rerun to resume"
+            if self.running is not None:
+                self.running.interrupt()
+        finally:
+            self._cleanup()
+        return PipelineResult(code, message, self.choice, self.attempts, self.replans, self.budget,
+                              self.overlap_saved)  # fmt: skip
+
+    def _loop(self) -> None:
+        stages = self.ctx.pipeline.stages
+        keys = self._keys(self.choice.plan)
+        previous_exit: float | None = None
+        i = 0
+        while i < len(stages):
+            spec = stages[i]
+            if self.ctx.job.is_done(spec.name, keys[spec.name]):
+                self.attempts.append(Attempt(spec.name, 0, "skipped", None, keys[spec.name], self.choice.candidate.label,
+                                             0, None, message="already done (same key)"))  # fmt: skip
+                self.ctx.on_event("skipped", spec.name)
+                i += 1
+                continue
+            attempt = self._run_stage(spec, keys[spec.name], previous_exit, self._next_to_run(i + 1, keys))
+            previous_exit = self.running.exited_at if self.running else None
+            self.running = None
+            if attempt.exit_code == EXIT_OK:
+                if not self.ctx.job.is_done(spec.name, keys[spec.name]):
+                    raise StageFailed(1, f"stage {spec.name} exited 0 without its manifest or outputs (a bug); "
+                                         f"see {self.ctx.job.path(spec.name, 'log.txt')}")  # fmt: skip
+                i += 1
+                continue
+            if attempt.exit_code != EXIT_OOM:
+                code = attempt.exit_code if attempt.exit_code and attempt.exit_code > 0 else 1
+                raise StageFailed(code, f"stage {spec.name} failed ({attempt.outcome}): {attempt.message}")
+            if self.retries >= self.ctx.max_retries:
+                raise StageFailed(EXIT_OOM, f"stage {spec.name} ran out of GPU memory and --max-retries "
+                                            f"{self.ctx.max_retries} is used up; see the attempts in run.json")
+            self.retries += 1
+            new_choice, reason = self._recover(spec, attempt)
+            new_keys = self._keys(new_choice.plan)
+            changed = [s.name for s in stages if new_keys[s.name] != keys[s.name]]
+            for name in changed:
+                self.ctx.job.invalidate(name)
+            self.replans.append(Replan(spec.name, reason, self.choice.candidate.label, new_choice.candidate.label,
+                                       changed))  # fmt: skip
+            self.ctx.on_event("replan", self.replans[-1])
+            self.choice, keys = new_choice, new_keys
+            i = min([self.ctx.pipeline.names.index(n) for n in changed] + [i])
+
+    def _keys(self, plan: Plan) -> dict[str, str]:
+        return self.ctx.pipeline.keys(plan, self.ctx.inputs_key)
+
+    def _next_to_run(self, start: int, keys: dict[str, str]) -> StageSpec | None:
+        for spec in self.ctx.pipeline.stages[start:]:
+            if not self.ctx.job.is_done(spec.name, keys[spec.name]):
+                return spec
+        return None
+
+    def _spawn(self, spec: StageSpec) -> StageProcess:
+        return StageProcess(spec, self.ctx.job.root, self.ctx.weights_dir, self.choice.plan.profile, self.env,
+                            self.ctx.job.path(spec.name, "log.txt"))  # fmt: skip
+
+    def _fit(self, stage: str) -> StageFit | None:
+        return next((f for f in self.choice.fits if f.stage == stage), None)
+
+    def _run_stage(self, spec: StageSpec, key: str, previous_exit: float | None, nxt: StageSpec | None) -> Attempt:
+        plan = self.choice.plan
+        proc = self.prestarted.pop(spec.name, None) or self._spawn(spec)
+        self.running = proc
+        self.tries[spec.name] += 1
+        cap = self.budget - self.ctx.table.context_bytes if plan.on_gpu else None
+        fit = self._fit(spec.name)
+        self.ctx.job.clear_error(spec.name)  # what error.msgpack says from here on is about this attempt
+        self.ctx.job.write_request(spec.name, {"plan": plan.to_dict(), "key": key, "attempt": self.tries[spec.name],
+                                               "cap_bytes": cap})  # fmt: skip
+        started = time.monotonic()
+        self.ctx.on_event("start", (spec.name, self.choice.candidate.label, fit))
+        proc.go()
+        if nxt is not None and nxt.name not in self.prestarted:
+            self.prestarted[nxt.name] = self._spawn(nxt)
+        gpu_index = self.ctx.gpu.index if (self.ctx.gpu is not None and plan.on_gpu) else None
+        with MemorySampler(proc, self.ctx.probe, gpu_index, self.t0) as sampler:
+            while proc.poll() is None:
+                time.sleep(POLL_S)
+        code = proc.finish()
+        hidden = proc.hidden_startup_s(previous_exit)
+        self.overlap_saved += hidden
+        error = self.ctx.job.read_error(spec.name) if code != EXIT_OK else None
+        manifest = self.ctx.job.read_manifest(spec.name) if code == EXIT_OK else None
+        attempt = Attempt(
+            stage=spec.name, attempt=self.tries[spec.name], outcome=_outcome(code), exit_code=code, key=key,
+            plan_label=self.choice.candidate.label, predicted_bytes=fit.prediction.total_bytes if fit else 0,
+            cap_bytes=cap, measured_gpu_bytes=sampler.peak_gpu, measured_rss_bytes=sampler.peak_rss,
+            torch_peak_allocated=(manifest or error or {}).get("torch_peak_allocated"),
+            started_s=started - self.t0, wall_s=time.monotonic() - started, hidden_startup_s=hidden,
+            ready_s=proc.ready_at - self.t0 if proc.ready_at is not None else None,
+            message=_message(code, error, self.ctx.job.path(spec.name, "log.txt")), samples=sampler.samples,
+        )  # fmt: skip
+        self.attempts.append(attempt)
+        self.ctx.on_event("end", attempt)
+        return attempt
+
+    def _recover(self, spec: StageSpec, attempt: Attempt) -> tuple[PlanChoice, str]:
+        """After an OOM: blame a neighbour (wait, or shrink the budget) or the estimate (learn), then re-plan."""
+        free = self._free_now()
+        reason: str
+        if free is not None and free - AUTO_RESERVE < self.budget:
+            reason = f"only {gib(free)} free after the failure (budget {gib(self.budget)}): another process took memory"
+            free = self._wait_for_free(free)
+            if free - AUTO_RESERVE < self.budget:
+                self.budget = max(0, free - AUTO_RESERVE)
+                reason += f"; budget lowered to {gib(self.budget)}"
+            else:
+                reason += "; it was given back while waiting"
+        else:
+            raw = predict(spec.name, self.choice.plan, self.ctx.n_refs, self.ctx.table).allocator_bytes
+            ctxb = self.ctx.table.context_bytes
+            measured = attempt.measured_gpu_bytes - ctxb if attempt.measured_gpu_bytes else None
+            cap = self.budget - ctxb
+            factor = oom_factor(raw, self.ctx.corrections.factor(spec.name), cap, measured)
+            factor = self.ctx.corrections.learn(spec.name, factor, f"OOM at cap {gib(cap)} with {attempt.plan_label}")
+            reason = (f"stage {spec.name} ran out of memory at a cap of {gib(cap)} (predicted "
+                      f"{gib(attempt.predicted_bytes)}): its estimate is now x{factor:.2f}")  # fmt: skip
+        try:
+            choice = choose_plan(self.ctx.pipeline, self.ctx.table, self.ctx.n_refs, self.budget, self.ctx.base,
+                                 self.ctx.constraints, self.ctx.corrections.factors())  # fmt: skip
+        except NoPlanFits as exc:
+            raise StageFailed(EXIT_OOM, f"stage {spec.name} ran out of memory and no plan fits any more: {exc}") from None
+        return choice, reason
+
+    def _free_now(self) -> int | None:
+        if self.ctx.probe is None or self.ctx.gpu is None:
+            return None
+        for g in self.ctx.probe.gpus():
+            if g.index == self.ctx.gpu.index:
+                return g.free
+        return None
+
+    def _wait_for_free(self, free: int) -> int:
+        """With --wait-for-vram: poll with backoff until the budget is free again or time is up."""
+        deadline = time.monotonic() + self.ctx.wait_for_vram_s
+        delay = 0.5
+        while free - AUTO_RESERVE < self.budget and time.monotonic() < deadline:
+            self.ctx.on_event("waiting", (free, self.budget))
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 30.0)
+            free = self._free_now() or free
+        return free
+
+    def _cleanup(self) -> None:
+        if self.running is not None and self.running.poll() is None:
+            self.running.kill()
+        for proc in self.prestarted.values():  # never got `go`: they hold no GPU memory and wrote nothing
+            if proc.ready_at is not None:
+                proc.dismiss()
+            else:
+                proc.kill()
+        self.prestarted.clear()
+
+
+def _outcome(code: int) -> str:
+    if code < 0:
+        return f"killed by signal {-code}"
+    return EXIT_MEANINGS.get(code, "bug")
+
+
+def _message(code: int, error: dict[str, Any] | None, log: Path) -> str:
+    if code == EXIT_OK:
+        return ""
+    if error and error.get("message"):
+        return str(error["message"])
+    if code < 0:
+        return f"the process was killed by signal {-code}; see {log}"
+    return f"exit code {code} ({EXIT_MEANINGS.get(code, 'unexpected error')}); see {log}"
+
+
+def run_pipeline(ctx: RunContext, choice: PlanChoice) -> PipelineResult:
+    """Run `ctx.pipeline` from `choice`, resuming finished stages; never raises for a stage failure."""
+    return Runner(ctx, choice).run()

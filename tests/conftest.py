@@ -1,0 +1,48 @@
+"""Shared fixtures: photo folders, the fake pipeline and its table, a simulated GPU, an isolated cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from budgets.table import BudgetTable, load_table
+from orchestrator.probe import SimulatedGpu, SimulatedProbe
+from tests.fakestages import TABLE_PATH
+
+GiB = 2**30
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Learned corrections and tiny weights go to a per-test folder, never to ~/.cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("UP2YOU_CACHE_DIR", str(cache))
+    monkeypatch.delenv("UP2YOU_FAULTS", raising=False)
+    monkeypatch.delenv("FAKE_RUN_S", raising=False)
+    return cache
+
+
+def write_photos(folder: Path, n: int = 3, size: tuple[int, int] = (48, 64)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"photo_{i}.jpg")
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    return write_photos(tmp_path / "photos")
+
+
+@pytest.fixture
+def fake_table() -> BudgetTable:
+    return load_table(TABLE_PATH)
+
+
+@pytest.fixture
+def gpu24() -> SimulatedProbe:
+    return SimulatedProbe(SimulatedGpu(24 * GiB, name="Simulated 24G"))

@@ -1,0 +1,15 @@
+"""`python -m tests.fakestages.drive INPUT OUT`: run_job on the FAKE pipeline with a simulated 24 GiB GPU,
+from a separate process, so tests can signal the orchestrator itself (Ctrl-C, SIGTERM)."""
+
+import sys
+
+from budgets.table import load_table
+from orchestrator.job import RunOptions, run_job
+from orchestrator.probe import SimulatedGpu, SimulatedProbe
+from tests.fakestages import FAKE, TABLE_PATH
+
+if __name__ == "__main__":
+    report = run_job(sys.argv[1], sys.argv[2], RunOptions(vram="12GB", device="cpu"),
+                     probe=SimulatedProbe(SimulatedGpu(24 * 2**30)), pipeline=FAKE, table=load_table(TABLE_PATH))
+    print(f"exit {report.exit_code}: {report.message}", flush=True)
+    sys.exit(report.exit_code)
