@@ -37,6 +37,9 @@ from stages.plan import Plan
 from stages.spec import EXIT_DISK_FULL, EXIT_MISSING_WEIGHTS, EXIT_NO_DEVICE, UP2YOU, Pipeline
 
 SMOKE_TEST = "SMOKE TEST: tiny random weights; the output is noise, not a reconstruction"
+# A smoke run checks the plumbing, not the result: small geometry so it finishes in a minute on a CPU.
+SMOKE_GEOMETRY = {"mesh_iters": 10, "mesh_resolution": 128, "video_frames": 8, "video_resolution": 128,
+                  "video_chunk": 4}
 DISK_BASE = 500 * 10**6  # job folder overhead (tensors of the early stages, mesh, video)
 DISK_PER_VIEW = 75 * 10**6  # per generated view: rgb + normal PNGs and latents/tensors (20 views ~ 2 GB total)
 
@@ -168,9 +171,12 @@ def plan_job(
     table = table or load_table(options.table, pipeline.name)
     gpu = _pick_gpu(options, probe)
     budget = _wait_for_budget(options, probe, gpu) if gpu else resolve_budget(options.vram, None)
-    constraints = Constraints(options.views, options.resolution, options.steps, options.thg_interval, options.prefer)
+    smoke = options.tiny
+    constraints = Constraints(options.views or (6 if smoke else None), options.resolution or (256 if smoke else None),
+                              options.steps or (4 if smoke else None), options.thg_interval, options.prefer)
     base = base_plan(constraints, device="cuda:0" if options.device != "cpu" else "cpu",
-                     profile="tiny" if options.tiny else "real", weights_dir=str(_weights_dir(options)))  # fmt: skip
+                     profile="tiny" if smoke else "real", weights_dir=str(_weights_dir(options)),
+                     **(SMOKE_GEOMETRY if smoke else {}))  # fmt: skip
     corrections = Corrections(gpu.name if gpu else "cpu", f"{table.name}@v{table.version}")
     try:
         choice = choose_plan(pipeline, table, len(inputs.photos), budget.bytes, base, constraints,
