@@ -19,8 +19,8 @@ for i in range(3):
 PY
 up() { python3 -c "import cli, sys; sys.exit(cli.main())" "$@"; }
 up gpus 2>&1 | tee "$OUT/gpus.txt"
-UP2YOU_FAULTS=rgb:oom:1 up --tiny --vram 8GB --views 20 --resolution 768 "$photos" --out "$OUT/run" 2>&1 | tee "$OUT/run1.log"
+UP2YOU_FAULTS=rgb:oom:1 up --tiny --vram 12GB --views 20 --resolution 768 "$photos" --out "$OUT/run" 2>&1 | tee "$OUT/run1.log"
 echo "exit $?"
 cp "$OUT/run/run.json" "$OUT/run1.json" 2>/dev/null
-up --tiny --vram 8GB --views 20 --resolution 768 "$photos" --out "$OUT/run" 2>&1 | tail -5 | tee "$OUT/run2.log"
+up --tiny --vram 12GB --views 20 --resolution 768 "$photos" --out "$OUT/run" 2>&1 | tail -5 | tee "$OUT/run2.log"
 cp "$OUT/run/vram_timeline.png" "$OUT/" 2>/dev/null
