@@ -26,11 +26,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from up2you.diffusion.models import DiffusionModels, random_sd21  # noqa: E402
 from up2you.diffusion.pipeline import RGB_PROMPT, MultiViewSampler, SamplerOptions  # noqa: E402
 from up2you.diffusion.processors import row_attention  # noqa: E402
+from up2you.diffusion.reference import upstream_row_attention  # noqa: E402
 
 MIB = 2**20
 N_REFS = 4
@@ -169,18 +169,6 @@ def attention_only(device: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
-def upstream_row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, heads: int) -> torch.Tensor:
-    """Upstream's layout (the O(N^2) one), for comparison only."""
-    bn, hw, c = q.shape
-    side, d, b = int(round(hw**0.5)), c // heads, bn // n
-    qr = q.view(b, n, side, side, heads, d).reshape(b * n * side, side, heads, d).transpose(1, 2)
-
-    def keys(x: torch.Tensor) -> torch.Tensor:
-        x = x.view(b, n, side, side, heads, d).permute(0, 2, 1, 3, 4, 5).reshape(b, side, n * side, heads, d)
-        return x.repeat_interleave(n, dim=0).view(b * n * side, n * side, heads, d).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(qr, keys(k), keys(v))
-    return out.transpose(1, 2).reshape(bn, hw, c)
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ decode) are written here as references and compared with what up2you.diffusion r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from up2you.diffusion.guidance import GuidanceSchedule, GuidedPrediction, thg_gr
 from up2you.diffusion.models import DiffusionModels
 from up2you.diffusion.pipeline import MultiViewSampler, SamplerOptions, decode_latents
 from up2you.diffusion.processors import AttentionContext, MVRefAttnProcessor, row_attention
+from up2you.diffusion.reference import upstream_row_attention
 from up2you.diffusion.scheduler import SD21_SCHEDULER_CONFIG, make_scheduler
 from up2you.diffusion.selector import select_topk
 
@@ -48,18 +48,6 @@ def tiny_models(tiny_root: Path) -> Callable[[], DiffusionModels]:
 
 
 # upstream forms ---------------------------------------------------------------------------------
-def upstream_row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, heads: int) -> torch.Tensor:
-    """Upstream layout: queries per (sample, view, row); the row's N*W keys repeat_interleave'd N times."""
-    bn, hw, c = q.shape
-    side, d, b = math.isqrt(hw), c // heads, bn // n
-    qr = q.view(b, n, side, side, heads, d).reshape(b * n * side, side, heads, d).transpose(1, 2)
-
-    def keys(x: torch.Tensor) -> torch.Tensor:
-        x = x.view(b, n, side, side, heads, d).permute(0, 2, 1, 3, 4, 5).reshape(b, side, n * side, heads, d)
-        return x.repeat_interleave(n, dim=0).view(b * n * side, n * side, heads, d).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(qr, keys(k), keys(v))
-    return out.transpose(1, 2).reshape(bn, hw, c)
 
 
 def upstream_attn1(proc: MVRefAttnProcessor, attn: torch.nn.Module, x: torch.Tensor, ref_full: torch.Tensor,
