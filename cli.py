@@ -4,6 +4,7 @@
     up2you-budget --vram 12GB photos/ --plan     print the plan, run nothing
     up2you-budget plan --vram 8GB photos/        the same as --plan
     up2you-budget gpus                           what NVML sees: GPUs, free memory, processes
+    up2you-budget calibrate --gpu 0 [--quick]    measure this GPU, write the next budget table
 
 The main command has a positional folder, which does not mix with click subcommands, so `main`
 dispatches on argv[1] itself: a word in SUBCOMMANDS selects that command, anything else is a run.
@@ -158,9 +159,40 @@ def plan_command(
     _print_plan(input_dir, options, json_out)
 
 
-# Subcommands, selected by argv[1]. `calibrate` (measure the real stages on this GPU and write a new
-# budgets/tables/*.json with budgets.fit) is registered here when it exists.
-SUBCOMMANDS: dict[str, Callable[..., None]] = {"gpus": gpus_command, "plan": plan_command}
+def calibrate_command(
+    gpu: str = typer.Option("0", help="NVML index of the GPU to measure."),
+    quick: bool = typer.Option(False, help="A 3-point grid (about a minute) instead of the full one."),
+    out: Path | None = typer.Option(None, help="Table file to write (default: budgets/tables/up2you-v<next>.json)."),
+    work: Path | None = typer.Option(None, help="Scratch folder for photos and the job (default: a temp folder)."),
+    device: str = typer.Option("cuda", help="cuda, or cpu (with --tiny: tests the machinery, measures host RSS)."),
+    tiny: bool = typer.Option(False, help="Tiny random weights and small plans (CPU test of the machinery)."),
+) -> None:  # fmt: skip
+    """Measure every stage on this GPU over a grid of plans and write a new budget table (budgets.fit)."""
+    import tempfile
+
+    from orchestrator.calibrate import calibrate
+
+    if device not in ("cuda", "cpu"):
+        raise typer.BadParameter(f"{device!r}: expected cuda or cpu", param_hint="--device")
+    if device == "cpu" and not tiny:
+        raise typer.BadParameter("--device cpu needs --tiny (full-size models on a CPU take hours)")
+    with tempfile.TemporaryDirectory(prefix="up2you-calibrate-") as tmp:
+        try:
+            result = calibrate(work or Path(tmp), gpu=gpu, quick=quick, out=out, device=device, tiny=tiny,
+                               log=lambda m: err.print(m, highlight=False))  # fmt: skip
+        except ProbeError as exc:
+            raise JobError(str(exc), EXIT_NO_DEVICE) from None
+    failed = result.table.provenance.get("failed", [])
+    for f in failed:
+        err.print(f"[yellow]not measured: {f}[/yellow]")
+    for stage, e in result.errors.items():
+        err.print(f"  {stage:10s} worst fit error {e * 100:5.1f} %" if e == e else f"  {stage:10s} no rows")
+    err.print(f"[green]table v{result.table.version} written to {result.path}[/green] ({result.wall_s:.0f} s)")
+
+
+# Subcommands, selected by argv[1].
+SUBCOMMANDS: dict[str, Callable[..., None]] = {"gpus": gpus_command, "plan": plan_command,
+                                               "calibrate": calibrate_command}  # fmt: skip
 
 
 def _app(command: Callable[..., None], name: str) -> typer.Typer:

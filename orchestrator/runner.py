@@ -29,6 +29,7 @@ from stages.spec import EXIT_INTERRUPTED, EXIT_MEANINGS, EXIT_OK, EXIT_OOM, Pipe
 
 AUTO_RESERVE = 256 * 2**20  # free memory left untouched when the budget follows what is free
 POLL_S = 0.05
+PRESTART_ENV = "UP2YOU_PRESTART"
 MAX_SAMPLES_IN_REPORT = 2000  # per attempt in run.json (a 20-minute stage sampled at 20 Hz has 24000)
 
 
@@ -104,6 +105,9 @@ class RunContext:
     wait_for_vram_s: float = 0.0
     weights_dir: str = ""
     on_event: Callable[[str, Any], None] = lambda kind, payload: None
+    # start the next stage's process while this one runs; UP2YOU_PRESTART=0 turns it off (benchmarks
+    # measure the orchestration overhead with and without it)
+    prestart: bool = field(default_factory=lambda: os.environ.get(PRESTART_ENV, "1") != "0")
 
 
 class StageFailed(Exception):
@@ -227,7 +231,7 @@ class Runner:
         started = time.monotonic()
         self.ctx.on_event("start", (spec.name, self.choice.candidate.label, fit))
         proc.go()
-        if nxt is not None and nxt.name not in self.prestarted:
+        if self.ctx.prestart and nxt is not None and nxt.name not in self.prestarted:
             self.prestarted[nxt.name] = self._spawn(nxt)
         gpu_index = self.ctx.gpu.index if (self.ctx.gpu is not None and plan.on_gpu) else None
         with MemorySampler(proc, self.ctx.probe, gpu_index, self.t0) as sampler:

@@ -7,26 +7,34 @@ at a time; DINOv2 leaves the GPU before the shape predictor (fp32, as upstream) 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from stages.harness import BadInputError, StageContext, stage_main
 from up2you.encoders.dinov2 import DinoV2, dinov2_vitl14, encode_patch_tokens, load_dinov2
 from up2you.encoders.shape_predictor import ShapePredictor, load_shape_predictor
+from up2you.meta_init import materialize, meta_parameters
 
 NAME = "features"
 
 
 def prepare(ctx: StageContext) -> tuple[DinoV2, ShapePredictor]:
     """Both models into host memory: loaded strictly from the files, or full-size random."""
-    if ctx.profile == "full-random":
-        torch.manual_seed(0)
-        return dinov2_vitl14().eval(), ShapePredictor().eval()
+    if ctx.profile == "full-random":  # shapes only (meta); `run` materialises them (up2you.meta_init)
+        with meta_parameters():
+            return dinov2_vitl14().eval(), ShapePredictor().eval()
     return load_dinov2(ctx.ckpt("dinov2")), load_shape_predictor(ctx.ckpt("shape_predictor"))
 
 
 @torch.no_grad()
 def run(ctx: StageContext, prepared: tuple[DinoV2, ShapePredictor]) -> None:
     dino, shape = prepared
+    if ctx.profile == "full-random":
+        t = time.time()
+        materialize(dino, "cpu", seed=0, dtype=ctx.dtype)
+        materialize(shape, "cpu", seed=1)
+        ctx.timings["materialize_s"] = time.time() - t
     ref_rgbs = ctx.load_tensors("segment")["ref_rgbs"]
     if ref_rgbs.ndim != 4 or ref_rgbs.shape[1] != 3:
         raise BadInputError(f"segment/outputs.safetensors: ref_rgbs has shape {tuple(ref_rgbs.shape)}, "

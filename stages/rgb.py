@@ -7,13 +7,14 @@ reference tokens chosen by its weight maps. The helpers here are shared with sta
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from stages.harness import BadInputError, StageContext, stage_main
-from up2you.diffusion.models import DiffusionModels, load_for_profile
+from up2you.diffusion.models import DiffusionModels, load_for_profile, materialize_models, random_sd21
 from up2you.diffusion.pipeline import RGB_PROMPT, MultiViewSampler, SamplerOptions
 
 NAME = "rgb"
@@ -32,8 +33,8 @@ def quiet_libraries() -> None:
 def load_models(ctx: StageContext, adapter_key: str) -> DiffusionModels:
     """Host-memory models for the profile; a missing file raises MissingWeightsError (exit 66)."""
     quiet_libraries()
-    if ctx.profile == "full-random":
-        return load_for_profile("full-random", None, None)
+    if ctx.profile == "full-random":  # shapes only (meta): `sample` materialises them in `run`
+        return random_sd21(materialize=False)
     return load_for_profile(ctx.profile, ctx.ckpt("sd21"), ctx.ckpt(adapter_key))
 
 
@@ -62,10 +63,20 @@ def read_poses(ctx: StageContext) -> torch.Tensor:
 def sample(ctx: StageContext, models: DiffusionModels, prompt: str, control: torch.Tensor,
            references: torch.Tensor, weight_maps: torch.Tensor | None) -> torch.Tensor:
     """Run the sampler with the plan's knobs and record what it did (NFE, THG refreshes, timings)."""
+    if ctx.profile == "full-random":
+        materialize_random(ctx, models)
     sampler = MultiViewSampler(models, ctx.device, ctx.dtype, SamplerOptions.from_plan(ctx.plan), log=ctx.log)
     result = sampler(prompt, control, references, weight_maps)
     ctx.record(**{f"diffusion_{k}": v for k, v in result.stats.items()})
     return result.images
+
+
+def materialize_random(ctx: StageContext, models: DiffusionModels) -> None:
+    """Full-random weights get host memory in the compute dtype now (the plan is known only in `run`);
+    the sampler then places each module itself, as with real weights. Timed as weight loading."""
+    t = time.time()
+    materialize_models(models, "cpu", dtype=ctx.dtype)
+    ctx.timings["materialize_s"] = time.time() - t
 
 
 def finish(ctx: StageContext, images: torch.Tensor, png_prefix: str) -> None:

@@ -7,19 +7,22 @@ GPU use: the aggregator in fp32 (as upstream) and the Nr*g*g reference tokens; v
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from stages.harness import BadInputError, StageContext, stage_main
 from up2you.encoders.feature_aggregator import FeatureAggregator, alphas_to_grid, load_feature_aggregator
+from up2you.meta_init import materialize, meta_parameters
 
 NAME = "weights"
 
 
 def prepare(ctx: StageContext) -> FeatureAggregator:
-    if ctx.profile == "full-random":
-        torch.manual_seed(0)
-        return FeatureAggregator().eval()
+    if ctx.profile == "full-random":  # shapes only (meta); `run` materialises them (up2you.meta_init)
+        with meta_parameters():
+            return FeatureAggregator().eval()
     return load_feature_aggregator(ctx.ckpt("feature_aggregator"))
 
 
@@ -38,6 +41,10 @@ def _inputs(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 @torch.no_grad()
 def run(ctx: StageContext, prepared: FeatureAggregator) -> None:
     alphas, feats, poses = _inputs(ctx)
+    if ctx.profile == "full-random":
+        t = time.time()
+        materialize(prepared, "cpu")
+        ctx.timings["materialize_s"] = time.time() - t
     model = prepared.to(ctx.device, torch.float32)
     n_refs, grid = feats.shape[0], feats.shape[1]
     tokens = feats.reshape(1, -1, feats.shape[-1]).to(ctx.device, torch.float32)
