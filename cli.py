@@ -166,11 +166,21 @@ def calibrate_command(
     work: Path | None = typer.Option(None, help="Scratch folder for photos and the job (default: a temp folder)."),
     device: str = typer.Option("cuda", help="cuda, or cpu (with --tiny: tests the machinery, measures host RSS)."),
     tiny: bool = typer.Option(False, help="Tiny random weights and small plans (CPU test of the machinery)."),
+    part: str = typer.Option("", help="K/N: run only part K of N of the grid (to split it across sessions)."),
+    add: list[Path] = typer.Option([], "--add-measurements",
+                                   help="measurements.json of earlier parts, fitted together with this one."),
 ) -> None:  # fmt: skip
     """Measure every stage on this GPU over a grid of plans and write a new budget table (budgets.fit)."""
     import tempfile
 
-    from orchestrator.calibrate import calibrate
+    from orchestrator.calibrate import calibrate, load_measurements
+
+    try:
+        split = tuple(int(x) for x in part.split("/")) if part else None
+        if split is not None and len(split) != 2:
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter(f"{part!r}: expected K/N, e.g. 1/2", param_hint="--part") from None
 
     if device not in ("cuda", "cpu"):
         raise typer.BadParameter(f"{device!r}: expected cuda or cpu", param_hint="--device")
@@ -178,8 +188,10 @@ def calibrate_command(
         raise typer.BadParameter("--device cpu needs --tiny (full-size models on a CPU take hours)")
     with tempfile.TemporaryDirectory(prefix="up2you-calibrate-") as tmp:
         try:
+            earlier = [m for f in add for m in load_measurements(f)]
             result = calibrate(work or Path(tmp), gpu=gpu, quick=quick, out=out, device=device, tiny=tiny,
-                               log=lambda m: err.print(m, highlight=False))  # fmt: skip
+                               log=lambda m: err.print(m, highlight=False), part=split,  # type: ignore[arg-type]
+                               earlier=earlier)  # fmt: skip
         except ProbeError as exc:
             raise JobError(str(exc), EXIT_NO_DEVICE) from None
     failed = result.table.provenance.get("failed", [])

@@ -75,6 +75,19 @@ class GridPoint:
         return dataclasses.asdict(self)
 
 
+def grid_part(grid: Sequence[GridPoint], k: int, n: int) -> tuple[GridPoint, ...]:
+    """Part k (1-based) of n contiguous parts, so one calibration fits into several shorter GPU sessions."""
+    if not 1 <= k <= n:
+        raise ValueError(f"--part {k}/{n}: expected 1 <= K <= N")
+    bounds = [round(i * len(grid) / n) for i in range(n + 1)]
+    return tuple(grid[bounds[k - 1]:bounds[k]])
+
+
+def load_measurements(path: Path) -> list[Measurement]:
+    """The measurements a (partial) calibration wrote to its work folder's measurements.json."""
+    return [Measurement(**m) for m in json.loads(Path(path).read_text())["measurements"]]
+
+
 def full_grid() -> tuple[GridPoint, ...]:
     """views x resolution x CFG (VAE sliced, no offload), plus VAE batched/tiled and offload at a few
     points; memory-only variants follow their base point so apose/weights/mesh are not recomputed."""
@@ -409,8 +422,10 @@ def calibrate(
     work_dir: Path, gpu: str = "0", quick: bool = False, out: Path | None = None, device: str = "cuda",
     tiny: bool = False, grid: Sequence[GridPoint] | None = None, pipeline: Pipeline = UP2YOU,
     template: BudgetTable | None = None, probe: Probe | None = None, log: Callable[[str], None] = print,
+    part: tuple[int, int] | None = None, earlier: Sequence[Measurement] = (),
 ) -> CalibrationResult:  # fmt: skip
-    """Run the grid, fit, write the table (budgets/tables/<pipeline>-v<next>.json unless `out`)."""
+    """Run the grid (or part K of N of it), fit it together with `earlier` measurements (other parts, from
+    their measurements.json), write the table (budgets/tables/<pipeline>-v<next>.json unless `out`)."""
     t0 = time.monotonic()
     template = template or load_table(pipeline=pipeline.name)
     gpu_info: GpuInfo | None = None
@@ -429,8 +444,10 @@ def calibrate(
         profile, weights, knobs = "tiny", str(weights_path), dict(TINY_KNOBS)
     if grid is None:
         grid = TINY_GRID if tiny else (QUICK_GRID if quick else full_grid())
+    if part is not None:
+        grid = grid_part(grid, *part)
     setup = CalibrationSetup(Path(work_dir), device, profile, weights, gpu_info, probe, pipeline, template, knobs)
-    measurements = run_grid(setup, grid, log)
+    measurements = list(earlier) + run_grid(setup, grid, log)
     version = next_version(pipeline.name) if out is None else template.version + 1
     provenance = {
         "gpu": gpu_info.name if gpu_info else f"none (device {device}; host RSS measured: a machinery test only)",
@@ -439,7 +456,7 @@ def calibrate(
         "torch": torch_version(), "python": platform.python_version(), "host": platform.node(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "profile": profile, "template": f"{template.name}@v{template.version}",
-        "grid": [p.label for p in grid], "fixed_knobs": knobs,
+        "grid": sorted({m.point for m in measurements}), "fixed_knobs": knobs,
         "method": "up2you-budget calibrate: each grid point run through the orchestrator's runner (no cap); "
                   "targets are NVML per-process peaks minus the context; small step counts (memory does not "
                   "depend on them)",

@@ -105,3 +105,14 @@ def test_cli_calibrate_refuses_cpu_without_tiny(tmp_path: Path, capsys) -> None:
     from cli import main
 
     assert main(["calibrate", "--device", "cpu"]) != 0
+
+
+def test_grid_parts_cover_the_grid_once_in_order() -> None:
+    from orchestrator.calibrate import full_grid, grid_part
+
+    grid = full_grid()
+    for n in (1, 2, 3):
+        parts = [grid_part(grid, k, n) for k in range(1, n + 1)]
+        assert sum(parts, ()) == grid
+    with pytest.raises(ValueError):
+        grid_part(grid, 3, 2)
