@@ -41,7 +41,7 @@ def run(ctx: StageContext, assets: Any) -> None:
     from up2you.geometry.colors import project_colors
     from up2you.geometry.hands import replace_hands
     from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals
-    from up2you.geometry.poisson import poisson
+    from up2you.geometry.poisson import PoissonUnavailable, poisson
     from up2you.geometry.reconstruct import fit_mesh, normal_targets
     from up2you.render import get_rasterizer
     from up2you.views import color_weights
@@ -71,7 +71,13 @@ def run(ctx: StageContext, assets: Any) -> None:
     ctx.free_memory()
     v, f = replace_hands(verts.cpu().numpy(), faces.cpu().numpy(), body_n.numpy(), body_f.numpy(), hand_ids, lmk)
     normals = vertex_normals(torch.from_numpy(v).float(), torch.from_numpy(f).long()).numpy()
-    pv, pf = poisson(v, normals, depth=POISSON_DEPTH)
+    try:
+        pv, pf = poisson(v, normals, depth=POISSON_DEPTH)
+        poisson_note = f"screened Poisson depth {POISSON_DEPTH}, largest component"
+    except PoissonUnavailable as exc:  # keep the remeshed surface + hands: not watertight, but a mesh
+        pv, pf = v.astype(np.float32), f.astype(np.int64)
+        poisson_note = f"skipped: {exc}"
+        ctx.log(f"warning: Poisson {poisson_note}; the mesh is the remeshed surface with the hands, not watertight")
     pv_t, pf_t = torch.from_numpy(pv).to(dev), torch.from_numpy(pf).to(dev)
     colors = project_colors(raster, pv_t, pf_t, rgb["images"].to(dev), rgb["alphas"].to(dev), yaws,
                             color_weights(yaws), RADIUS, plan.mesh_resolution).cpu()
@@ -79,7 +85,7 @@ def run(ctx: StageContext, assets: Any) -> None:
     _write(ctx, verts_m.float(), torch.from_numpy(pf).long(), colors.float())
     ctx.record(iterations=plan.mesh_iters, loss_first=losses[0] if losses else None,
                loss_last=losses[-1] if losses else None, remeshed_faces=int(faces.shape[0]),
-               vertices=int(pv.shape[0]), faces=int(pf.shape[0]))
+               vertices=int(pv.shape[0]), faces=int(pf.shape[0]), poisson=poisson_note)
 
 
 def _write(ctx: StageContext, verts: torch.Tensor, faces: torch.Tensor, colors: torch.Tensor) -> None:

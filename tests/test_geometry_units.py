@@ -110,3 +110,15 @@ def test_remeshing_reduces_loss_towards_a_target() -> None:
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
     assert _is_closed_manifold(opt.faces)
+
+
+def test_poisson_without_pymeshlab_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import numpy as np
+
+    from up2you.geometry.poisson import PoissonUnavailable, poisson
+
+    monkeypatch.setitem(sys.modules, "pymeshlab", None)  # import now fails, as on a machine without it
+    with pytest.raises(PoissonUnavailable, match="pip install pymeshlab"):
+        poisson(np.zeros((4, 3)), np.ones((4, 3)))

@@ -7,6 +7,10 @@ import numpy as np
 from up2you.geometry.mesh_ops import largest_component
 
 
+class PoissonUnavailable(ImportError):
+    """pymeshlab is not installed: the caller may keep the un-Poissoned mesh and say so."""
+
+
 def poisson(verts: np.ndarray, normals: np.ndarray, depth: int = 10, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Watertight surface through oriented points (vertices + unit normals); largest component only.
 
@@ -14,7 +18,10 @@ def poisson(verts: np.ndarray, normals: np.ndarray, depth: int = 10, threads: in
     """
     import os
 
-    import pymeshlab
+    try:
+        import pymeshlab
+    except ImportError as exc:
+        raise PoissonUnavailable("pymeshlab is not installed (pip install pymeshlab)") from exc
 
     ms = pymeshlab.MeshSet()
     ms.add_mesh(pymeshlab.Mesh(vertex_matrix=np.asarray(verts, np.float64),
