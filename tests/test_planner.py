@@ -24,8 +24,8 @@ def _choose(table, gib: float, prefer: str = "quality", factors=None, **fixed):
     (16, 20, 768, "batched", "none"),
     (12, 20, 768, "sequential", "none"),
     (8, 20, 768, "sequential", "model"),  # the H100-calibrated table: model offload suffices at 8 GiB
-    (6, 20, 512, "sequential", "none"),
-    (4, 12, 512, "sequential", "model"),
+    (6, 12, 768, "sequential", "model"),  # 20 views: the mesh stage alone needs 7 GiB (measured)
+    (4, 6, 768, "sequential", "model"),
 ])  # fmt: skip
 def test_quality_plan_per_budget(table, budget, views, res, cfg, offload) -> None:
     choice = _choose(table, budget)
@@ -76,7 +76,7 @@ def test_learned_correction_degrades_the_plan(table) -> None:
 
 def test_degradations_explain_the_choice(table) -> None:
     d = " | ".join(_choose(table, 6).degradations)
-    assert "resolution 768 -> 512" in d and "needs" in d
+    assert "views 20 -> 12" in d and "needs" in d
     assert _choose(table, 80).degradations == ()
 
 
