@@ -8,6 +8,8 @@ Runs (each a fresh job folder, synthetic photos, profile full-random, 50 steps, 
   uncapped    --vram auto                     12GB / 8GB / 6GB   --vram that much
   cfg         the uncapped plan with THG off (plain CFG: the uncond branch every step)
   noprestart  the uncapped plan with the next stage NOT pre-started (UP2YOU_PRESTART=0)
+  neighbour   --vram auto, and 20 s in another process takes 60 GiB of the GPU and holds it: the stage
+              that then runs out of memory must be retried under a re-read budget and the run must finish
 Writes $OUT/benchmark.json and $OUT/benchmark.png and prints the table; see benchmarks/README.md.
 """
 
@@ -39,7 +41,11 @@ from stages.jobfs import JobDir  # noqa: E402
 from stages.plan import Plan  # noqa: E402
 
 GiB = 2**30
-RUNS = ("uncapped", "12GB", "8GB", "6GB", "cfg", "noprestart")
+RUNS = ("uncapped", "12GB", "8GB", "6GB", "cfg", "noprestart", "neighbour")
+# a real neighbour: a separate process (own CUDA context) that grabs memory after the plan was made
+NEIGHBOUR = ("import sys, time, torch; time.sleep(float(sys.argv[1])); "
+             "x = torch.empty(int(float(sys.argv[2]) * 2**30), dtype=torch.uint8, device='cuda'); "
+             "print('neighbour holds', x.numel() >> 30, 'GiB', flush=True); time.sleep(3600)")
 DIFFUSION = ("rgb", "normal")
 con = Console(width=170)
 
@@ -67,8 +73,15 @@ def run_one(name: str, photos: Path, out: Path, args: argparse.Namespace, table:
     steps = 10 if args.quick else args.steps
     opts = RunOptions(vram=vram, gpu=args.gpu, steps=steps, thg_interval=3, max_retries=2, quiet=True)
     shutil.rmtree(args.work / "runs" / name, ignore_errors=True)  # a warm machine must not resume an old run
+    neighbour = (subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "20", "60"]) if name == "neighbour"
+                 else None)  # fmt: skip
     t = time.monotonic()
-    report = run_job(photos, args.work / "runs" / name, opts, probe=NvmlProbe(), table=table)
+    try:
+        report = run_job(photos, args.work / "runs" / name, opts, probe=NvmlProbe(), table=table)
+    finally:
+        if neighbour:
+            neighbour.kill()
+            neighbour.wait()
     wall = time.monotonic() - t
     os.environ[PRESTART_ENV] = "1"
     return summarise(name, report, wall, table)
@@ -108,7 +121,8 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
     return {
         "run": name, "ok": report.ok, "message": report.message, "budget": report.budget.source,
         "plan_label": (r.choice if r else report.choice).candidate.label, "plan": plan.to_dict(),
-        "replans": [p.__dict__ for p in r.replans] if r else [], "stages": stages, "wall_s": round(wall, 3),
+        "replans": [p.__dict__ for p in r.replans] if r else [],
+        "attempts": [[a.stage, a.attempt, a.outcome, a.plan_label] for a in r.attempts] if r else [], "stages": stages, "wall_s": round(wall, 3),
         "compute_s": round(compute, 3), "overhead_s": round(overhead, 3),
         "overhead_pct": round(100 * overhead / wall, 2) if wall else None,
         "materialize_s": round(sum(s["materialize_s"] or 0.0 for s in stages.values()), 3),
