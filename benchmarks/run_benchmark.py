@@ -8,7 +8,7 @@ Runs (each a fresh job folder, synthetic photos, profile full-random, 50 steps, 
   uncapped    --vram auto                     12GB / 8GB / 6GB   --vram that much
   cfg         the uncapped plan with THG off (plain CFG: the uncond branch every step)
   noprestart  the uncapped plan with the next stage NOT pre-started (UP2YOU_PRESTART=0)
-  neighbour   --vram auto, and 20 s in another process takes 60 GiB of the GPU and holds it: the stage
+  neighbour   --vram auto, and 20 s in another process takes 66 GiB of the GPU and holds it: the stage
               that then runs out of memory must be retried under a re-read budget and the run must finish
 Writes $OUT/benchmark.json and $OUT/benchmark.png and prints the table; see benchmarks/README.md.
 """
@@ -73,7 +73,7 @@ def run_one(name: str, photos: Path, out: Path, args: argparse.Namespace, table:
     steps = 10 if args.quick else args.steps
     opts = RunOptions(vram=vram, gpu=args.gpu, steps=steps, thg_interval=3, max_retries=2, quiet=True)
     shutil.rmtree(args.work / "runs" / name, ignore_errors=True)  # a warm machine must not resume an old run
-    neighbour = (subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "20", "60"]) if name == "neighbour"
+    neighbour = (subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "20", "66"]) if name == "neighbour"
                  else None)  # fmt: skip
     t = time.monotonic()
     try:
