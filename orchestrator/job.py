@@ -31,10 +31,10 @@ from orchestrator.probe import GpuInfo, NvmlProbe, Probe, ProbeError, select_gpu
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
 from orchestrator.sizes import gib, parse_size
-from stages import checkpoints
 from stages.jobfs import JobDir
 from stages.plan import Plan
 from stages.spec import EXIT_DISK_FULL, EXIT_MISSING_WEIGHTS, EXIT_NO_DEVICE, UP2YOU, Pipeline
+from up2you import checkpoints
 
 SMOKE_TEST = "SMOKE TEST: tiny random weights; the output is noise, not a reconstruction"
 # A smoke run checks the plumbing, not the result: small geometry so it finishes in a minute on a CPU.

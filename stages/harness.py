@@ -35,7 +35,6 @@ T0 = time.time()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stages import checkpoints  # noqa: E402
 from stages.jobfs import JobDir, atomic_path  # noqa: E402
 from stages.plan import Plan  # noqa: E402
 from stages.spec import (  # noqa: E402
@@ -47,6 +46,7 @@ from stages.spec import (  # noqa: E402
     EXIT_OK,
     EXIT_OOM,
 )
+from up2you import checkpoints  # noqa: E402
 
 FAULTS_ENV = "UP2YOU_FAULTS"
 

@@ -41,7 +41,7 @@ class StageSpec:
     module: str  # run as `python -m <module> JOB_DIR`
     reads: tuple[str, ...] = ()  # names of stages whose outputs it reads
     knobs: tuple[str, ...] = ()  # Plan fields its result depends on
-    checkpoints: tuple[str, ...] = ()  # keys of stages.checkpoints.CHECKPOINTS it loads (profile "real")
+    checkpoints: tuple[str, ...] = ()  # keys of up2you.checkpoints.CHECKPOINTS it loads (profile "real")
     version: int = 1  # bump when the stage's code changes its output
     gpu: bool = True  # whether it uses the GPU at all (CPU-only stages get no memory cap)
     doc: str = ""

@@ -72,7 +72,7 @@ def test_msgpack_round_trip(tmp_path: Path) -> None:
 def test_orchestrator_and_contracts_import_no_torch() -> None:
     code = (
         "import sys, importlib, pkgutil, orchestrator, budgets\n"
-        "import stages.plan, stages.spec, stages.jobfs, stages.checkpoints\n"
+        "import stages.plan, stages.spec, stages.jobfs, up2you.checkpoints\n"
         "for pkg in (orchestrator, budgets):\n"
         "    for m in pkgutil.iter_modules(pkg.__path__):\n"
         "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.checkpoints import MissingWeightsError
+from up2you.checkpoints import MissingWeightsError
 from up2you.encoders.dinov2 import DinoV2, dinov2_vitl14, load_dinov2
 from up2you.encoders.feature_aggregator import (
     FeatureAggregator,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def write_tiny_weights(weights_dir: Path | str, seed: int = 0) -> Path:
-    """Write every checkpoint of stages.checkpoints.CHECKPOINTS, tiny and random, under weights_dir."""
+    """Write every checkpoint of up2you.checkpoints.CHECKPOINTS, tiny and random, under weights_dir."""
     from up2you.diffusion.tiny import write_tiny_diffusion
     from up2you.encoders.tiny import write_tiny_encoders
     from up2you.geometry.tiny import write_tiny_body_model

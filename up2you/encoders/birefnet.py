@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.checkpoints import CHECKPOINTS, MissingWeightsError
+from up2you.checkpoints import CHECKPOINTS, MissingWeightsError
 from up2you.state_dict import CheckpointMismatchError
 
 BIREFNET_SIZE = 1024  # upstream's transforms.Resize((1024, 1024)) before the model

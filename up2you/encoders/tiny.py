@@ -148,8 +148,8 @@ def write_tiny_feature_aggregator(path: Path | str, seed: int = 0, dim: int = 64
 
 def write_tiny_encoders(root: Path | str, seed: int = 0) -> None:
     """Write BiRefNet/, dinov2/dinov2_vitl14_pretrain.pth and pretrained_models/{shape_predictor,
-    feature_aggregator}.pt under the weights folder `root` (paths from stages.checkpoints)."""
-    from stages.checkpoints import resolve
+    feature_aggregator}.pt under the weights folder `root` (paths from up2you.checkpoints)."""
+    from up2you.checkpoints import resolve
 
     write_tiny_birefnet(resolve(root, "birefnet"), seed)
     write_tiny_dinov2(resolve(root, "dinov2"), seed + 1)

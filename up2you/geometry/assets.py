@@ -25,7 +25,7 @@ def body_model(ckpt: Any, profile: str) -> torch.nn.Module:
 
         with tempfile.TemporaryDirectory() as tmp:
             write_tiny_body_model(tmp)
-            from stages.checkpoints import resolve
+            from up2you.checkpoints import resolve
 
             return load_smplx(resolve(tmp, "smplx"))
     return load_smplx(ckpt("smplx"))

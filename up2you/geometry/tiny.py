@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.checkpoints import CHECKPOINTS
+from up2you.checkpoints import CHECKPOINTS
 
 N_JOINTS = 55
 N_VERTS = 10475
@@ -149,7 +149,7 @@ def synthetic_body(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.n
 
 
 def write_tiny_body_model(root: Path | str, seed: int = 0) -> None:
-    """Write the synthetic body's three files where stages.checkpoints expects the real ones."""
+    """Write the synthetic body's three files where up2you.checkpoints expects the real ones."""
     root = Path(root)
     body, hands, lmk = synthetic_body(seed)
     paths = {k: root / CHECKPOINTS[k].path for k in ("smplx", "mano_ids", "smplx_lmkid")}
