@@ -43,51 +43,55 @@ def _qk_norm(head_dim: int, enabled: bool) -> nn.Module:
     return nn.LayerNorm(head_dim) if enabled else nn.Identity()
 
 
-class Attention(nn.Module):
+class _HeadedAttention(nn.Module):
+    """What self- and cross-attention share: heads, optional per-head q/k LayerNorm, output projection."""
+
+    def __init__(self, dim: int, num_heads: int, proj_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_norm = _qk_norm(self.head_dim, qk_norm)
+        self.k_norm = _qk_norm(self.head_dim, qk_norm)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B,H,N,D), k/v (B,H,M,D) -> projected (B,N,C)."""
+        b, _, n, _ = q.shape
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class Attention(_HeadedAttention):
     """Multi-head self-attention with a fused `qkv` projection and optional per-head q/k LayerNorm."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
                  qk_norm: bool = False) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, proj_bias, qk_norm)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = _qk_norm(self.head_dim, qk_norm)
-        self.k_norm = _qk_norm(self.head_dim, qk_norm)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
+        b, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self._attend(q, k, v)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_HeadedAttention):
     """Queries from `x`, keys and values from `context` (`q_proj` and a fused `kv_proj`)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
                  qk_norm: bool = False) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, proj_bias, qk_norm)
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv_proj = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.q_norm = _qk_norm(self.head_dim, qk_norm)
-        self.k_norm = _qk_norm(self.head_dim, qk_norm)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
+        b, n, _ = x.shape
         m = context.shape[1]
         q = self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(context).reshape(b, m, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self._attend(q, k, v)
 
 
 class _PreNormBlock(nn.Module):
