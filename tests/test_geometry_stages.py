@@ -102,7 +102,7 @@ def test_mesh_outputs(finished_job: Path) -> None:
     # the colour pattern (red = image row, blue = image column) reaches the mesh: red grows downwards
     top = c[v[:, 1] > v[:, 1].quantile(0.9), 0].mean()
     bottom = c[v[:, 1] < v[:, 1].quantile(0.1), 0].mean()
-    assert float(bottom - top) > 0.3
+    assert float(bottom - top) > 0.1  # the kept component varies (see above), the direction does not
     manifest = JobDir(finished_job).read_manifest("mesh")
     assert manifest["extras"]["iterations"] == 6
 
