@@ -194,3 +194,19 @@ def test_oom_caused_by_a_neighbour_lowers_the_budget_without_learning(photos, tm
     assert r.budget_bytes < 8 * 2**30
     assert r.choice.plan.cfg_mode == "sequential"
     assert not (isolated_cache / "corrections.json").exists()  # the estimate was not to blame
+
+
+def test_too_little_disk_stops_before_any_stage(photos, tmp_path, gpu24, fake_table, monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from orchestrator.job import JobError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 10**6, 10**6))
+    out = tmp_path / "out"
+    with pytest.raises(JobError) as info:
+        _run(photos, out, gpu24, fake_table)
+    assert info.value.exit_code == 74
+    assert "not enough disk" in str(info.value) and "--out" in str(info.value)
+    assert not (out / "job").exists()  # nothing started, nothing half-written
