@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-import orchestrator.job as job_module  # noqa: E402
 from budgets import comfy_heuristic  # noqa: E402
 from budgets.table import BudgetTable, load_table, predict  # noqa: E402
 from orchestrator.calibrate import write_photos  # noqa: E402
@@ -50,28 +49,13 @@ DIFFUSION = ("rgb", "normal")
 con = Console(width=170)
 
 
-def _full_random(quick: bool, thg_off: bool) -> None:
-    """run_job plans `real` weights; the benchmark needs the full-size random ones and no weight files."""
-    original = job_module.base_plan.__wrapped__ if hasattr(job_module.base_plan, "__wrapped__") else job_module.base_plan
-
-    def base_plan(constraints: Any, **fields: Any) -> Plan:
-        fields.update(profile="full-random", weights_dir="")
-        if quick:
-            fields.update(mesh_iters=100)
-        plan = original(constraints, **fields)
-        return plan.replace(thg_schedule="off") if thg_off else plan
-
-    base_plan.__wrapped__ = original  # type: ignore[attr-defined]
-    job_module.base_plan = base_plan
-    job_module._preflight = lambda *a, **k: None  # no weight files to check (disk is ample on the lent box)
-
-
 def run_one(name: str, photos: Path, out: Path, args: argparse.Namespace, table: BudgetTable) -> dict[str, Any]:
     vram = name if name.endswith("GB") else "auto"
-    _full_random(args.quick, thg_off=name == "cfg")
     os.environ[PRESTART_ENV] = "0" if name == "noprestart" else "1"
     steps = 10 if args.quick else args.steps
-    opts = RunOptions(vram=vram, gpu=args.gpu, steps=steps, thg_interval=3, max_retries=2, quiet=True)
+    overrides = ({"mesh_iters": 100} if args.quick else {}) | ({"thg_schedule": "off"} if name == "cfg" else {})
+    opts = RunOptions(vram=vram, gpu=args.gpu, steps=steps, thg_interval=3, max_retries=2, quiet=True,
+                      full_random=True, overrides=tuple(overrides.items()))  # fmt: skip
     shutil.rmtree(args.work / "runs" / name, ignore_errors=True)  # a warm machine must not resume an old run
     neighbour = (subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "20", "66"]) if name == "neighbour"
                  else None)  # fmt: skip

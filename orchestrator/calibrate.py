@@ -437,12 +437,12 @@ def calibrate(
     profile, weights, knobs = "full-random", "", dict(FAST_KNOBS)
     if tiny:
         from orchestrator.corrections import cache_dir
-        from orchestrator.job import _ensure_tiny_weights
+        from orchestrator.job import ensure_tiny_weights
 
         weights_path = cache_dir() / "tiny-weights"
         from rich.console import Console
 
-        _ensure_tiny_weights(weights_path, Console(stderr=True, quiet=True))
+        ensure_tiny_weights(weights_path, Console(stderr=True, quiet=True))
         profile, weights, knobs = "tiny", str(weights_path), dict(TINY_KNOBS)
     if grid is None:
         grid = TINY_GRID if tiny else (QUICK_GRID if quick else full_grid())

@@ -68,6 +68,9 @@ class RunOptions:
     prefer: str = "quality"
     device: str = "cuda"  # cuda | cpu (cpu: tiny models only, for tests and smoke runs)
     tiny: bool = False
+    # full-size architectures with random weights and no files: what benchmarks and calibration measure
+    full_random: bool = False
+    overrides: tuple[tuple[str, Any], ...] = ()  # Plan fields fixed for every candidate (benchmarks)
     plan_only: bool = False
     quiet: bool = False  # no progress lines (--json)
     table: Path | None = None  # another budget table file
@@ -174,9 +177,10 @@ def plan_job(
     smoke = options.tiny
     constraints = Constraints(options.views or (6 if smoke else None), options.resolution or (256 if smoke else None),
                               options.steps or (4 if smoke else None), options.thg_interval, options.prefer)
-    base = base_plan(constraints, device="cuda:0" if options.device != "cpu" else "cpu",
-                     profile="tiny" if smoke else "real", weights_dir=str(_weights_dir(options)),
-                     **(SMOKE_GEOMETRY if smoke else {}))  # fmt: skip
+    profile = "tiny" if smoke else "full-random" if options.full_random else "real"
+    base = base_plan(constraints, device="cuda:0" if options.device != "cpu" else "cpu", profile=profile,
+                     weights_dir="" if options.full_random else str(_weights_dir(options)),
+                     **(SMOKE_GEOMETRY if smoke else {})).replace(**dict(options.overrides))  # fmt: skip
     corrections = Corrections(gpu.name if gpu else "cpu", f"{table.name}@v{table.version}")
     try:
         choice = choose_plan(pipeline, table, len(inputs.photos), budget.bytes, base, constraints,
@@ -212,7 +216,7 @@ def run_job(
         return report
     _preflight(pipeline, choice, options, out)
     if options.tiny:
-        _ensure_tiny_weights(Path(choice.plan.weights_dir), console)
+        ensure_tiny_weights(Path(choice.plan.weights_dir), console)
     job.root.mkdir(parents=True, exist_ok=True)
     job.write_inputs(inputs.record())
     ctx = RunContext(job, pipeline, jp.table, len(inputs.photos), inputs.key, jp.constraints, jp.base, budget.bytes,
@@ -271,7 +275,7 @@ def _weights_dir(options: RunOptions) -> Path:
 
 def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out: Path) -> None:
     """Stop before any process starts: missing weights (listed with their source), too little disk."""
-    if not options.tiny:
+    if not (options.tiny or options.full_random):
         keys = sorted({k for s in pipeline.stages for k in s.checkpoints})
         missing = checkpoints.missing(choice.plan.weights_dir, keys)
         if missing:
@@ -288,7 +292,7 @@ def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out:
                        f"{need / 1e9:.1f} GB; free space or pass --out on another disk", EXIT_DISK_FULL)  # fmt: skip
 
 
-def _ensure_tiny_weights(weights: Path, console: Console) -> None:
+def ensure_tiny_weights(weights: Path, console: Console) -> None:
     """Write tiny random checkpoints once (a subprocess: up2you.tiny imports torch, we must not)."""
     if (weights / ".tiny").exists():
         return

@@ -81,15 +81,14 @@ class StageProcess:
         with contextlib.suppress(OSError):
             if self.popen.stdin:
                 self.popen.stdin.close()
-        try:
-            self.popen.wait(GRACE_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self._reap()
+        self._wait_or_kill()
 
     def interrupt(self) -> None:
         """Forward Ctrl-C to the child's group; kill the group if it has not exited after GRACE_S."""
         self.signal_group(signal.SIGINT)
+        self._wait_or_kill()
+
+    def _wait_or_kill(self) -> None:
         try:
             self.popen.wait(GRACE_S)
         except subprocess.TimeoutExpired:

@@ -210,3 +210,9 @@ def test_too_little_disk_stops_before_any_stage(photos, tmp_path, gpu24, fake_ta
     assert info.value.exit_code == 74
     assert "not enough disk" in str(info.value) and "--out" in str(info.value)
     assert not (out / "job").exists()  # nothing started, nothing half-written
+
+
+def test_full_random_runs_plan_without_weight_files_and_keep_overrides(photos, gpu24, fake_table) -> None:
+    opts = RunOptions(**{**OPTS.__dict__, "full_random": True, "overrides": (("thg_schedule", "off"),)})
+    plan = plan_job(photos, opts, gpu24, FAKE, fake_table).choice.plan
+    assert (plan.profile, plan.weights_dir, plan.thg_schedule) == ("full-random", "", "off")

@@ -1,7 +1,7 @@
 """Load small pickled assets (e.g. MANO_SMPLX_vertex_ids.pkl) without letting them run code.
 
-A pickle can name any importable callable and have the loader call it; a plain `pickle.load` of a
-downloaded file is arbitrary code execution. This unpickler resolves only what numpy arrays need to
+A pickle can name any importable callable and have the loader call it; an unrestricted load of a
+downloaded pickle is arbitrary code execution. This unpickler resolves only what numpy arrays need to
 rebuild themselves; containers (dict, list, tuple) and scalars need no lookup at all.
 """
 
