@@ -35,6 +35,7 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._loop, name=f"memory-{proc.spec.name}", daemon=True)
 
     def __enter__(self) -> MemorySampler:
+        self.sample_once()  # at least one sample, however short the stage turns out to be
         self._thread.start()
         return self
 

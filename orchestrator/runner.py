@@ -230,11 +230,12 @@ class Runner:
                                                "cap_bytes": cap})  # fmt: skip
         started = time.monotonic()
         self.ctx.on_event("start", (spec.name, self.choice.candidate.label, fit))
-        proc.go()
-        if self.ctx.prestart and nxt is not None and nxt.name not in self.prestarted:
-            self.prestarted[nxt.name] = self._spawn(nxt)
         gpu_index = self.ctx.gpu.index if (self.ctx.gpu is not None and plan.on_gpu) else None
+        # sampling starts before `go`: a pre-started stage can finish before a late sampler sees it
         with MemorySampler(proc, self.ctx.probe, gpu_index, self.t0) as sampler:
+            proc.go()
+            if self.ctx.prestart and nxt is not None and nxt.name not in self.prestarted:
+                self.prestarted[nxt.name] = self._spawn(nxt)
             while proc.poll() is None:
                 time.sleep(POLL_S)
         code = proc.finish()
