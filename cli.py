@@ -75,6 +75,8 @@ def run_command(
     max_retries: int = typer.Option(3, min=0, help="Out-of-memory retries before giving up."),
     wait_for_vram: str = typer.Option("0", callback=_duration, help="Wait this long (90s, 10m) for memory another "
                                       "process holds, instead of lowering the plan."),
+    wait_for_siblings: str = typer.Option("1h", callback=_duration, help="Wait up to this long for memory our own "
+                                          "jobs on this host hold (they give it back), before lowering the plan."),
     prefer: str = typer.Option("quality", help="quality: never lose views/pixels while a memory knob fits; speed: "
                                "rather lose quality than offload."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -90,7 +92,7 @@ def run_command(
     options = RunOptions(
         vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES)(views), resolution=_auto_int(RESOLUTION_CHOICES)(resolution),
         steps=steps, thg_interval=_auto_int(None)(thg_interval), weights=weights, max_retries=max_retries,
-        wait_for_vram_s=float(wait_for_vram), prefer=prefer, device=device, tiny=tiny, plan_only=plan, quiet=json_out,
+        wait_for_vram_s=float(wait_for_vram), wait_for_siblings_s=float(wait_for_siblings), prefer=prefer, device=device, tiny=tiny, plan_only=plan, quiet=json_out,
     )  # fmt: skip
     if plan:
         _print_plan(input_dir, options, json_out)

@@ -55,24 +55,21 @@ def ledger_table(views: list[LedgerView]) -> Table:
     """What up2you-budget jobs on this host have claimed, per GPU, and who waits (the ledger)."""
     from orchestrator.admission import job_label
 
-    t = Table(title="GPU ledger (reservations of up2you-budget jobs on this host)", title_justify="left")
-    for col in ("GPU", "free and unreserved", "job", "stage", "pid", "reserved", "allocated (NVML)", "since"):
-        t.add_column(col, justify="right" if col in ("reserved", "allocated (NVML)", "since") else "left")
+    caption = "; ".join(f"GPU {v.gpu.index}: {gib(v.available())} free and unreserved" for v in views)
+    t = Table(title="GPU ledger (up2you-budget jobs on this host)", title_justify="left", caption=caption,
+              caption_justify="left")  # fmt: skip
+    for col in ("GPU", "job", "stage", "state", "pid", "reserved", "allocated", "age"):
+        t.add_column(col, justify="right" if col in ("reserved", "allocated", "age") else "left",
+                     overflow="fold")  # fmt: skip
     now = time.time()
     for v in views:
-        first = True
         for h in v.holdings:
             r = h.reservation
-            t.add_row(str(v.gpu.index) if first else "", gib(v.available()) if first else "", job_label(r.job_id),
-                      r.stage, str(r.pid) + ("" if h.alive else " (exited)"), gib(r.nbytes), gib(h.allocated),
-                      f"{now - r.created:.0f} s")  # fmt: skip
-            first = False
+            t.add_row(str(v.gpu.index), job_label(r.job_id), r.stage, "running" if h.alive else "exited",
+                      str(r.pid), gib(r.nbytes), gib(h.allocated), f"{now - r.created:.0f} s")  # fmt: skip
         for k in v.tickets:
-            t.add_row(str(v.gpu.index) if first else "", gib(v.available()) if first else "", job_label(k.job_id),
-                      f"{k.stage} (waiting #{k.number})", str(k.pid), gib(k.nbytes), "-", f"{now - k.created:.0f} s")  # fmt: skip
-            first = False
-        if first:
-            t.add_row(str(v.gpu.index), gib(v.available()), "-", "-", "-", "-", "-", "-")
+            t.add_row(str(v.gpu.index), job_label(k.job_id), k.stage, f"waiting #{k.number}", str(k.pid),
+                      gib(k.nbytes), "-", f"{now - k.created:.0f} s")  # fmt: skip
     return t
 
 
