@@ -169,6 +169,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, len(rounds), figsize=(7 * len(rounds), 8), squeeze=False)
     total = result["meta"]["gpu_total_bytes"] / GiB
     for k, rd in enumerate(rounds):
+        labelled: set[str] = set()
         ax = axes[0, k]
         s = rd["samples"]
         t = [r[0] for r in s]
@@ -181,18 +182,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("GiB")
         ax.legend(fontsize=7)
         ax = axes[1, k]
+        colours: dict[str, Any] = {}
         for row in rd["per_job"]:
             y = row["job"]
-            ax.barh(y, row["wall_s"], left=row["start_s"], color="#ddd", edgecolor="k")
-            if row.get("wait_s"):
-                ax.plot([row["start_s"]], [y], "o", color="orange")
-            for _stage, outcome, start, wall, _, _ in row.get("stages", []):
-                ax.barh(y, wall, left=row["start_s"] + start, height=0.5,
-                        color="tab:green" if outcome == "ok" else "tab:red")  # fmt: skip
-            label = f"{row.get('views', '?')}v {row.get('resolution', '?')} px, wait {row.get('wait_s', 0):.0f} s"
+            ax.barh(y, row["wall_s"], left=row["start_s"], color="#eee", edgecolor="k")
+            for stage, outcome, start, wall, _, _ in row.get("stages", []):
+                c = colours.setdefault(stage, plt.cm.tab10(len(colours) % 10))
+                ax.barh(y, wall, left=row["start_s"] + start, height=0.5, color=c, edgecolor="white", linewidth=0.5,
+                        hatch="" if outcome == "ok" else "xx", label=stage if stage not in labelled else None)  # fmt: skip
+                labelled.add(stage)
+            label = f"{row.get('views', '?')}v {row.get('resolution', '?')} px, waited {row.get('wait_s', 0):.0f} s"
             ax.text(row["end_s"] + 1, y, label, va="center", fontsize=7)
-        ax.set_xlabel("s since the round started (bars: stages; grey: the job process)")
+        ax.set_yticks([row["job"] for row in rd["per_job"]])
+        ax.set_xlabel("s since the round started (coloured: stages, hatched: failed; grey: the job process)")
         ax.set_ylabel("job")
+        ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

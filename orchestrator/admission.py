@@ -24,12 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.ledger import Ledger, LedgerView, Reservation, Ticket
+from orchestrator.ledger import Ledger, LedgerView, Reservation, Ticket, process_start
 from orchestrator.probe import GpuInfo, Probe
 from orchestrator.sizes import gib
 
 SIBLING_WAIT_S = 3600.0  # default bound on waiting for our own jobs (they finish; a hung one must not block)
 POLL_MIN_S, POLL_MAX_S = 0.2, 2.0  # backoff between polls (well inside the ledger's ticket lease)
+
+
+class StageGone(Exception):
+    """The stage process ended before it was admitted (it failed while starting): nothing to reserve for."""
 
 
 @dataclass
@@ -108,7 +112,9 @@ class Admitter:
         return self.gpu
 
     def admit(self, stage: str, pid: int, sizes: Sequence[int], cap: int | None = None) -> Reservation | None:
-        """Reserve the first of `sizes` that fits, waiting as the module docstring says; None = limit reached."""
+        """Reserve the first of `sizes` that fits, waiting as the module docstring says; None = limit reached.
+
+        Raises StageGone if process `pid` ends meanwhile (its exit code tells why, not the ledger)."""
         least = min(sizes)
         if cap is not None and least > cap:
             return None
@@ -118,6 +124,8 @@ class Admitter:
         delay = POLL_MIN_S
         try:
             while True:
+                if process_start(pid) is None:
+                    raise StageGone(pid)
                 gpu = self._gpu()
                 r = self.ledger.reserve_first_fit(gpu, self.job_id, stage, pid, sizes, ticket=ticket,
                                                   keep_free=self.keep_free, cap=cap)  # fmt: skip

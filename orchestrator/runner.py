@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from budgets.table import BudgetTable, predict
-from orchestrator.admission import SIBLING_WAIT_S, Admitter, Wait, wait_kind
+from orchestrator.admission import SIBLING_WAIT_S, Admitter, StageGone, Wait, wait_kind
 from orchestrator.corrections import Corrections, oom_factor
 from orchestrator.ledger import Ledger, LedgerError, Reservation
 from orchestrator.monitor import MemorySampler, Sample
@@ -269,7 +269,7 @@ class Runner:
 
     # --- admission on a shared GPU ------------------------------------------------------------
     def _admit(self, spec: StageSpec, proc: StageProcess) -> tuple[PlanChoice, str] | None:
-        """Reserve this stage's need (switching memory-only knobs if only that fits now), waiting if allowed.
+        """Reserve this stage's need on the fastest memory-only rung that fits now, waiting if none does.
 
         Returns None once reserved (or when there is nothing to reserve), or (degraded choice, why)
         when the wait allowed is used up and a plan with fewer views or pixels fits what is there.
@@ -280,14 +280,19 @@ class Runner:
         rungs = [choice_of(c, ctx.pipeline, ctx.table, ctx.n_refs, self.budget, ctx.corrections.factors(),
                            self.choice.degradations)
                  for c in same_quality(self.choice.plan, ctx.base, ctx.constraints)]  # fmt: skip
-        # the current plan first (no change without need), then the other rungs, fastest first
-        rungs = [self.choice] + [r for r in rungs if r.candidate.label != self.choice.candidate.label]
+        rungs = rungs or [self.choice]
         sizes = [next(f.need_bytes for f in r.fits if f.stage == spec.name) for r in rungs]
+        current = self._fit(spec.name)
         cap = self.budget if ctx.vram_cap is not None else None
-        r = self.admitter.admit(spec.name, proc.pid, sizes, cap)
+        try:
+            r = self.admitter.admit(spec.name, proc.pid, sizes, cap)
+        except StageGone:
+            return None  # it died while starting: `go` finds it gone and its exit code says why
         if r is not None:
             self.reservation = r
-            chosen = rungs[sizes.index(r.nbytes)]
+            # the fastest rung that fits; if the current plan needs the same for this stage, keep it
+            same = current is not None and current.need_bytes == r.nbytes
+            chosen = self.choice if same else rungs[sizes.index(r.nbytes)]
             if chosen.candidate.label != self.choice.candidate.label:
                 why = (f"{spec.name} admitted with {gib(r.nbytes)} on the shared GPU: {chosen.candidate.step.label} "
                        f"fits what is free and unreserved now (memory only: nothing recomputed)")  # fmt: skip
