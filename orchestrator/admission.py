@@ -103,6 +103,8 @@ class Admitter:
         self.on_event = on_event
         self.sleep = sleep
         self.waits: list[Wait] = []
+        self.last_kind = ""  # what the last admit call found holding the memory: siblings | foreign
+        self.last_wait: Wait | None = None  # the wait of the last admit call, if it waited
 
     def _gpu(self) -> GpuInfo:
         if self.probe is not None:
@@ -121,6 +123,7 @@ class Admitter:
         ticket: Ticket | None = None
         waited = {"siblings": 0.0, "foreign": 0.0}
         record: Wait | None = None
+        self.last_wait, self.last_kind = None, ""
         delay = POLL_MIN_S
         try:
             while True:
@@ -135,7 +138,7 @@ class Admitter:
                         record.outcome = "admitted"
                     return r
                 view = self.ledger.view(gpu)
-                kind = wait_kind(view, self.job_id, least, self.keep_free)
+                kind = self.last_kind = wait_kind(view, self.job_id, least, self.keep_free)
                 limit = self.wait_for_siblings_s if kind == "siblings" else self.wait_for_vram_s
                 if waited[kind] >= limit:
                     if record is not None:
@@ -148,6 +151,7 @@ class Admitter:
                     record = Wait(stage, 0.0, kind, least, view.available(self.job_id), holders(view, self.job_id),
                                   message=line)  # fmt: skip
                     self.waits.append(record)
+                    self.last_wait = record
                     self.on_event("wait", line)
                 elif record.kind != kind:
                     record.kind = "both"

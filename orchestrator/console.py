@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.ledger import LedgerView
@@ -100,7 +101,7 @@ class ProgressPrinter:
             free, budget = payload
             c.print(f"[yellow]… waiting for GPU memory: {gib(free)} free, budget {gib(budget)}[/yellow]")
         elif kind == "wait":  # once per wait: who holds the GPU, how much is missing
-            c.print(f"[yellow]… {payload}[/yellow]", highlight=False)
+            c.print(f"[yellow]… {escape(payload)}[/yellow]", highlight=False)
 
     def _end(self, a: Attempt) -> None:
         measured = a.measured_gpu_bytes if a.measured_gpu_bytes is not None else a.measured_rss_bytes

@@ -321,7 +321,8 @@ def _wait_for_budget(
         if waited[kind] >= limit:
             break
         if record is None:
-            line = wait_line(view, "", "planning", want, kind, limit)
+            line = wait_line(view, "", "the best plan" if options.vram == "auto" else f"--vram {options.vram}", want,
+                             kind, limit)  # fmt: skip
             record = Wait("plan", 0.0, kind, want, view.available(), holders(view, ""), message=line)
             if on_event is not None:
                 on_event("wait", line)

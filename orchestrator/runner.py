@@ -311,7 +311,8 @@ class Runner:
         room = max(0, view.available(ctx.job_id) - AUTO_RESERVE)
         if ctx.vram_cap is not None:
             room = min(room, self.budget)
-        waited = self.admitter.waits[-1].seconds if self.admitter.waits else 0.0
+        waited = self.admitter.last_wait.seconds if self.admitter.last_wait else 0.0
+        bound = "--wait-for-siblings" if self.admitter.last_kind == "siblings" else "--wait-for-vram"
         try:
             if self.admission_degrades > 2 * len(ctx.pipeline.stages):
                 raise NoPlanFits(room, 0, "none left to try", spec.name)
@@ -321,7 +322,7 @@ class Runner:
             raise StageFailed(EXIT_OOM, f"stage {spec.name} cannot get GPU memory and no plan fits any more: "
                                         f"{exc}") from None  # fmt: skip
         why = (f"{spec.name}: {gib(room)} free and unreserved on GPU {view.gpu.index} after waiting {waited:.0f} s "
-               f"(the wait allowed): planned for that")  # fmt: skip
+               f"({bound}): planned for that")  # fmt: skip
         return choice, why
 
     def _release(self) -> None:
