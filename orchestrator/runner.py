@@ -237,7 +237,8 @@ class Runner:
             self.retries += 1
             keys, i = self._switch(spec, keys, *self._recover(spec, attempt))
 
-    def _switch(self, spec: StageSpec, keys: dict[str, str], new_choice: PlanChoice, reason: str) -> tuple[dict[str, str], int]:
+    def _switch(self, spec: StageSpec, keys: dict[str, str], new_choice: PlanChoice,
+                reason: str) -> tuple[dict[str, str], int]:  # fmt: skip
         """Adopt `new_choice`: invalidate exactly the stages whose key changed; continue from the first of them."""
         stages = self.ctx.pipeline.stages
         new_keys = self._keys(new_choice.plan)
@@ -313,9 +314,11 @@ class Runner:
             room = min(room, self.budget)
         waited = self.admitter.last_wait.seconds if self.admitter.last_wait else 0.0
         bound = "--wait-for-siblings" if self.admitter.last_kind == "siblings" else "--wait-for-vram"
+        if self.admission_degrades > 2 * len(ctx.pipeline.stages):  # memory keeps vanishing as we re-plan
+            raise StageFailed(EXIT_OOM, f"stage {spec.name} cannot get GPU memory: re-planned "
+                                        f"{self.admission_degrades - 1} times for what was free, and it was gone "
+                                        f"each time; free GPU memory or pass --wait-for-vram")  # fmt: skip
         try:
-            if self.admission_degrades > 2 * len(ctx.pipeline.stages):
-                raise NoPlanFits(room, 0, "none left to try", spec.name)
             choice = choose_plan(ctx.pipeline, ctx.table, ctx.n_refs, room, ctx.base, ctx.constraints,
                                  ctx.corrections.factors())  # fmt: skip
         except NoPlanFits as exc:
