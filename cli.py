@@ -21,13 +21,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from orchestrator.console import gpu_table, plan_table
+from orchestrator.console import gpu_table, ledger_table, plan_table
 from orchestrator.inputs import EXIT_USAGE
 from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, plan_job, run_job
-from orchestrator.probe import NvmlProbe, ProbeError
+from orchestrator.ledger import Ledger, LedgerError
+from orchestrator.probe import ProbeError, default_probe
 from orchestrator.sizes import gib, parse_duration, parse_size
 from stages.plan import RESOLUTION_CHOICES, VIEW_CHOICES
-from stages.spec import EXIT_INTERRUPTED, EXIT_NO_DEVICE, UP2YOU
+from stages.spec import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_NO_DEVICE, UP2YOU
 
 err = Console(stderr=True)
 
@@ -74,6 +75,8 @@ def run_command(
     max_retries: int = typer.Option(3, min=0, help="Out-of-memory retries before giving up."),
     wait_for_vram: str = typer.Option("0", callback=_duration, help="Wait this long (90s, 10m) for memory another "
                                       "process holds, instead of lowering the plan."),
+    wait_for_siblings: str = typer.Option("1h", callback=_duration, help="Wait up to this long for memory our own "
+                                          "jobs on this host hold (they give it back), before lowering the plan."),
     prefer: str = typer.Option("quality", help="quality: never lose views/pixels while a memory knob fits; speed: "
                                "rather lose quality than offload."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -89,7 +92,7 @@ def run_command(
     options = RunOptions(
         vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES)(views), resolution=_auto_int(RESOLUTION_CHOICES)(resolution),
         steps=steps, thg_interval=_auto_int(None)(thg_interval), weights=weights, max_retries=max_retries,
-        wait_for_vram_s=float(wait_for_vram), prefer=prefer, device=device, tiny=tiny, plan_only=plan, quiet=json_out,
+        wait_for_vram_s=float(wait_for_vram), wait_for_siblings_s=float(wait_for_siblings), prefer=prefer, device=device, tiny=tiny, plan_only=plan, quiet=json_out,
     )  # fmt: skip
     if plan:
         _print_plan(input_dir, options, json_out)
@@ -129,19 +132,30 @@ def _print_plan(input_dir: Path, options: RunOptions, json_out: bool) -> None:
 
 
 def gpus_command(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """What NVML sees: per GPU total/free/used memory and each compute process."""
+    """What NVML sees: per GPU total/free/used memory and each compute process; and the ledger's reservations."""
     try:
-        gpus = NvmlProbe().gpus()
+        probe = default_probe()
+        assert probe is not None
+        gpus = probe.gpus()
+        ledger = Ledger(probe=probe)
+        views = [ledger.view(g) for g in gpus]
     except ProbeError as exc:
         raise JobError(str(exc), EXIT_NO_DEVICE) from None
+    except LedgerError as exc:
+        raise JobError(str(exc), EXIT_DISK_FULL) from None
     if json_out:
-        print(json.dumps([{**g.__dict__, "processes": [p.__dict__ for p in g.processes]} for g in gpus], indent=1))
+        print(json.dumps([{**g.__dict__, "processes": [p.__dict__ for p in g.processes],
+                           "available_bytes": v.available(),
+                           "reservations": [{**h.reservation.__dict__, "allocated_bytes": h.allocated, "alive": h.alive}
+                                            for h in v.holdings],
+                           "waiting": [t.__dict__ for t in v.tickets]} for g, v in zip(gpus, views, strict=True)], indent=1))  # fmt: skip
         return
     if not gpus:
         raise JobError("NVML sees no GPU; use --device cpu --tiny for a CPU smoke test", EXIT_NO_DEVICE)
     Console().print(gpu_table(gpus))
-    free = max(gpus, key=lambda g: g.free)
-    Console().print(f"--gpu auto would pick GPU {free.index} ({gib(free.free)} free)")
+    Console().print(ledger_table(views))
+    best = max(views, key=lambda v: v.available())
+    Console().print(f"--gpu auto would pick GPU {best.gpu.index} ({gib(best.available())} free and unreserved)")
 
 
 def plan_command(
