@@ -22,12 +22,14 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.console import gpu_table, plan_table
 from orchestrator.inputs import EXIT_USAGE
 from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, input_notes, plan_job, run_job
 from orchestrator.probe import NvmlProbe, ProbeError
 from orchestrator.sizes import gib, parse_duration, parse_size
+from stages.jobfs import shown
 from stages.plan import RESOLUTION_CHOICES, VIEW_CHOICES
 from stages.spec import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_NO_DEVICE, UP2YOU
 
@@ -115,7 +117,8 @@ def run_command(
         if report.smoke_test:
             err.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
     else:
-        err.print(f"[red]error:[/red] {report.message}\n  report: {report.out_dir / 'run.json'}")
+        err.print(f"[red]error:[/red] {escape(shown(report.message))}\n  report: {escape(str(report.out_dir / 'run.json'))}",
+                  highlight=False, soft_wrap=True)
     raise typer.Exit(report.exit_code)
 
 
@@ -130,7 +133,7 @@ def _print_plan(input_dir: Path, options: RunOptions, json_out: bool) -> None:
         return
     con = Console()
     for line in input_notes(jp.inputs):
-        con.print(f"note: {line}", markup=False, highlight=False)
+        con.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
     if options.tiny:
         con.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
     con.print(plan_table(UP2YOU, jp.choice, f"plan: {jp.choice.candidate.label} — budget {jp.budget.source}"))
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         code = click_cmd.main(args=args, prog_name=name, standalone_mode=False)
         return code if isinstance(code, int) else 0
     except JobError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(shown(str(exc)))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code

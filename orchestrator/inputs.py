@@ -140,7 +140,13 @@ def _check_photo(path: Path) -> Photo:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         if isinstance(exc, InputError):
             raise
+        if isinstance(exc, UnidentifiedImageError):
+            raise InputError(f"{shown(path)} is not an image in a format we read ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}): "
+                             "re-export it as JPEG or PNG, or remove it", EXIT_BAD_PHOTO) from None  # fmt: skip
         why = str(exc).splitlines()[0] if str(exc) else "corrupt"
+        if "truncated" in why.lower():
+            raise InputError(f"{shown(path)} is truncated (the file ends before the image does): copy it again, "
+                             "re-export it, or remove it", EXIT_BAD_PHOTO) from None  # fmt: skip
         raise InputError(f"{shown(path)} cannot be read as an image ({type(exc).__name__}: {why}): "
                          "re-export it as JPEG or PNG, or remove it", EXIT_BAD_PHOTO) from None  # fmt: skip
     if min(width, height) < MIN_SIDE:
@@ -149,7 +155,7 @@ def _check_photo(path: Path) -> Photo:
     if transparent:
         raise InputError(f"{shown(path)} is fully transparent (its alpha channel is 0 everywhere): export it "
                          "without the alpha channel, or remove it", EXIT_BAD_PHOTO)  # fmt: skip
-    return Photo(path.resolve(), size, sha256_file(path), width, height, frames)
+    return Photo(path.absolute(), size, sha256_file(path), width, height, frames)
 
 
 def _decode(im: Image.Image) -> None:

@@ -214,7 +214,7 @@ def run_job(
     if options.tiny:
         console.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
     for line in input_notes(inputs):
-        console.print(f"[dim]note: {escape(line)}[/dim]", highlight=False)
+        console.print(f"[dim]note: {escape(line)}[/dim]", highlight=False, soft_wrap=True)
     console.print(plan_table(pipeline, choice, f"plan: {choice.candidate.label} — budget {budget.source}"))
     for d in choice.degradations:
         console.print(f"[yellow]  {d}[/yellow]")
@@ -266,7 +266,7 @@ def _check_vram_fits_card(vram: str, gpu: GpuInfo | None) -> None:
     if vram == "auto" or gpu is None or parse_size(vram) <= gpu.total:
         return
     raise JobError(f"--vram {vram} is more than GPU {gpu.index} ({gpu.name}) has in total ({gib(gpu.total)}): pass at "
-                   f"most {gib(gpu.total).replace(' GiB', 'GB')}, or auto, or pick another GPU with --gpu", EXIT_USAGE)  # fmt: skip
+                   f"most {int(gpu.total * 10 / 2**30) / 10:g}GB, or auto, or pick another GPU with --gpu", EXIT_USAGE)  # fmt: skip
 
 
 def _probe_for(options: RunOptions, probe: Probe | None) -> Probe | None:

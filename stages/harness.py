@@ -41,7 +41,7 @@ T0 = time.time()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stages.jobfs import JobDir, atomic_path  # noqa: E402
+from stages.jobfs import JobDir, atomic_path, shown  # noqa: E402
 from stages.plan import Plan  # noqa: E402
 from stages.spec import (  # noqa: E402
     EXIT_BAD_INPUT,
@@ -338,12 +338,19 @@ def stage_main(
         raise
     except BaseException as exc:  # noqa: BLE001 - the contract maps every failure to a code
         code, kind = _classify(exc)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = shown(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
         if code == EXIT_DISK_FULL:
             msg += f"; free space where {ctx.job.root} is (or pass --out on another disk) and rerun: finished stages are kept"
         if code == 1:
             traceback.print_exc()
         print(f"[{name}] {kind}: {msg}", file=sys.stderr, flush=True)
+        if phase == "prepare" and args.prestart and code != EXIT_INTERRUPTED:
+            # a pre-started stage failed while the previous one runs: report it when it is this stage's turn,
+            # since the runner clears error.msgpack before `go`; dismissed (no `go`): nobody needs the answer
+            if sys.stdin.readline().strip() != "go":
+                os._exit(EXIT_OK)
+            with contextlib.suppress(Exception):
+                ctx._load_request()
         with contextlib.suppress(Exception):
             if phase == "run" or code != EXIT_INTERRUPTED:
                 ctx.job.write_error(name, {

@@ -26,7 +26,7 @@ MAX_PHOTO_PIXELS = 40_000_000  # a photo above this is refused (by the scan, fro
 EXIT_MEANINGS = {
     EXIT_OK: "ok",
     EXIT_BAD_INPUT: "bad input",
-    EXIT_MISSING_WEIGHTS: "missing weights",
+    EXIT_MISSING_WEIGHTS: "missing or damaged weights",
     EXIT_NO_DEVICE: "no GPU",
     EXIT_DISK_FULL: "disk full or unwritable",
     EXIT_OOM: "out of GPU memory",

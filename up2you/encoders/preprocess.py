@@ -51,6 +51,8 @@ def open_photo(path: Path | str, max_pixels: int | None = None) -> Image.Image:
             im = im.convert("RGBA" if has_alpha else "RGB")
     except PhotoError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's own guard fired while reading the header
+        raise PhotoError(f"{str(exc).split(' exceeds')[0]} is far above the pixel limit") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PhotoError(f"cannot decode the image ({type(exc).__name__}: {exc})") from exc
     if im.mode == "RGBA" and im.getchannel("A").getextrema()[0] == 255:
