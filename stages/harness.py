@@ -309,6 +309,7 @@ def stage_main(
         phase = "run"
         ctx._load_request()
         ctx.job.clear_error(name)
+        ctx.job.sweep_temporaries(name)  # what a killed earlier attempt left half-written
         _apply_cap(ctx)
         _seed_everything(ctx.plan.seed)
         _fault_point(name, "start", ctx.attempt)

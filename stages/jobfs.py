@@ -167,6 +167,12 @@ class JobDir:
         with contextlib.suppress(FileNotFoundError):
             self.path(stage, MANIFEST).unlink()
 
+    def sweep_temporaries(self, stage: str) -> None:
+        """Remove `.tmp-*` files of this stage: a writer killed by SIGKILL never reached its own cleanup."""
+        for tmp in self.stage_dir(stage).glob(".tmp-*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
     def read_error(self, stage: str) -> dict[str, Any] | None:
         return _read_record(self.path(stage, ERROR))
 

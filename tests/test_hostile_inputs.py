@@ -28,7 +28,7 @@ from PIL import Image
 
 import cli
 from orchestrator.probe import SimulatedGpu, SimulatedProbe
-from tests.conftest import write_photos
+from tests.conftest import write_cutouts, write_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -529,7 +529,7 @@ def test_no_person_criterion() -> None:
 def test_disk_fills_up_inside_a_stage(tiny_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """ENOSPC injected at segment's first output write: exit 74, one line with the fix, no half-written file."""
-    photos, out = _cutouts(tmp_path / "photos"), tmp_path / "out"
+    photos, out = write_cutouts(tmp_path / "photos"), tmp_path / "out"
     code, text = _stage_run(capsys, monkeypatch, tiny_cache, photos, out, faults="segment:enospc")
     assert (code, _error_line(text)) == (74, "error: stage segment failed (disk full or unwritable): [Errno 28] No "
                                              "space left on device (injected by UP2YOU_FAULTS); free space where "
@@ -554,7 +554,7 @@ def test_pickle_payload_in_a_checkpoint_is_refused_by_the_stage(tiny_cache: Path
     target = cache / "tiny-weights" / "pretrained_models" / "shape_predictor.pt"
     marker = tmp_path / "PWNED"
     _payload_pt(target, marker)
-    photos, out = _cutouts(tmp_path / "photos"), tmp_path / "out"
+    photos, out = write_cutouts(tmp_path / "photos"), tmp_path / "out"
     code, text = _stage_run(capsys, monkeypatch, cache, photos, out)
     assert (code, _error_line(text)) == (66, f"error: stage features failed (missing or damaged weights): {target} holds a "
                                              "pickle that would call posix.system (torch.load weights_only=True "
@@ -575,13 +575,6 @@ def test_loader_refuses_a_pickle_payload(tmp_path: Path) -> None:
     with pytest.raises(DamagedWeightsError, match="would call posix.system"):
         read_state_dict(tmp_path / "evil.pt")
     assert not marker.exists()
-
-
-def _cutouts(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    for i in range(2):
-        _rgba((90, 150), (30, 10 + i, 60, 140)).save(folder / f"photo_{i}.png")
-    return folder
 
 
 # --- accepted: what a user expects to just work ------------------------------------------------------
