@@ -58,19 +58,23 @@ FILLER = ("import sys, time, torch\n"
           "torch.cuda.init(); free, _ = torch.cuda.mem_get_info()\n"
           "x = torch.empty(max(0, free - int(sys.argv[1])), dtype=torch.uint8, device='cuda')\n"
           "print('filled', x.numel(), flush=True); time.sleep(86400)\n")  # fmt: skip
-# The neighbour: at time t (s after its start) it takes `frac` of what is free, holds it for `hold` s
-# (<0: until killed) and prints what it did as one JSON line.
-NEIGHBOUR = ("import json, sys, time, torch\n"
-             "t0 = time.time(); at, frac, hold = map(float, sys.argv[1:4])\n"
+# The neighbour: `at` s after the job's start (the time the worker writes into T0_FILE; at < 0: at once,
+# before the job starts) it takes `frac` of what is free, holds it for `hold` s (< 0: until killed)
+# and prints what it did as JSON lines, with wall-clock times.
+NEIGHBOUR = ("import json, os, sys, time, torch\n"
+             "at, frac, hold = map(float, sys.argv[1:4]); t0_file = sys.argv[4]\n"
              "torch.cuda.init(); torch.empty(1, device='cuda')\n"
-             "time.sleep(max(0.0, at - (time.time() - t0)))\n"
+             "if at >= 0:\n"
+             "    while not os.path.exists(t0_file):\n        time.sleep(0.01)\n"
+             "    time.sleep(max(0.0, float(open(t0_file).read()) + at - time.time()))\n"
              "free, total = torch.cuda.mem_get_info(); want = int(free * frac)\n"
              "try:\n    x = torch.empty(want, dtype=torch.uint8, device='cuda'); got = want\n"
              "except torch.cuda.OutOfMemoryError:\n    x = None; got = 0\n"
-             "print(json.dumps({'grab_s': time.time() - t0, 'free_before': free, 'grabbed': got}), flush=True)\n"
+             "print(json.dumps({'grab_at': time.time(), 'free_before': free, 'grabbed': got}), flush=True)\n"
              "if hold >= 0:\n    time.sleep(hold); del x; torch.cuda.empty_cache()\n"
-             "    print(json.dumps({'released_s': time.time() - t0}), flush=True)\n"
+             "    print(json.dumps({'released_at': time.time()}), flush=True)\n"
              "time.sleep(86400)\n")  # fmt: skip
+T0_FILE = "job_t0"  # in the run's folder: wall-clock time at which the worker called run_job
 
 
 @dataclass(frozen=True)
@@ -131,15 +135,18 @@ def peak_vs_cap(attempts: list[dict[str, Any]], context_bytes: int) -> tuple[int
 
 
 def summarise(grab: Grab, report: dict[str, Any], wall: float, baseline_wall: float, neighbour: list[dict[str, Any]],
-              context_bytes: int) -> dict[str, Any]:  # fmt: skip
+              context_bytes: int, t0: float | None) -> dict[str, Any]:  # fmt: skip
     attempts = report.get("attempts", [])
     took = next((n for n in neighbour if "grabbed" in n), {})
-    hit = stage_at(attempts, took.get("grab_s", grab.at_s))
+    grab_s = took["grab_at"] - t0 if took and t0 else None
+    released = next((n["released_at"] - t0 for n in neighbour if "released_at" in n and t0), None)
+    hit = stage_at(attempts, grab_s if grab_s is not None else grab.at_s)
     ooms = [a["stage"] for a in attempts if a["outcome"] == "out of GPU memory"]
     peak, cap, under = peak_vs_cap(attempts, context_bytes)
     return {
         **asdict(grab), "grabbed_bytes": took.get("grabbed"), "free_before_bytes": took.get("free_before"),
-        "grab_s": took.get("grab_s"), "released_s": next((n["released_s"] for n in neighbour if "released_s" in n), None),
+        "grab_s": round(grab_s, 2) if grab_s is not None else None,
+        "released_s": round(released, 2) if released is not None else None,
         "stage_hit": hit, "oom_stages": ooms, "replans": [f"{p['after_stage']}: {p['reason']} -> {p['after']}"
                                                           for p in report.get("replans", [])],
         "plan_final": report.get("plan_label"), "ok": bool(report.get("ok")), "exit_code": report.get("exit_code"),
@@ -164,6 +171,8 @@ def worker(spec: dict[str, Any]) -> int:
                       steps=None if spec["tiny"] else 10, thg_interval=3, max_retries=3,
                       wait_for_vram_s=float(spec["wait"]), device=spec["device"], tiny=spec["tiny"],
                       full_random=not spec["tiny"], overrides=tuple(overrides.items()), quiet=True)  # fmt: skip
+    Path(spec["out"]).mkdir(parents=True, exist_ok=True)
+    (Path(spec["out"]) / T0_FILE).write_text(repr(time.time()))
     try:
         report = run_job(spec["photos"], spec["out"], opts)
     except JobError as exc:
@@ -182,9 +191,9 @@ def _gpu_env(gpu: str, uuid: str | None) -> dict[str, str]:
     return env
 
 
-def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespace, uuids: dict[str, str],
-            baseline_wall: float = 0.0) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:  # fmt: skip
-    """One job, with its neighbour when `grab` is given; returns (run.json, wall seconds, neighbour's lines)."""
+def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespace,
+            uuids: dict[str, str]) -> tuple[dict[str, Any], float, list[dict[str, Any]], float | None]:
+    """One job, with its neighbour when `grab` is given; returns (run.json, wall s, neighbour's lines, job t0)."""
     gpu = grab.gpu if grab else args.gpus[0]
     out = work / (f"run_{grab.run:02d}" if grab else f"baseline_gpu{gpu}")
     shutil.rmtree(out, ignore_errors=True)
@@ -192,24 +201,28 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
     if args.tiny and grab and grab.target != "before":
         env["UP2YOU_FAULTS"] = f"{grab.target}:oom:1"  # no GPU: the grab's effect, injected
     neighbour = None
+    first: list[dict[str, Any]] = []
     if grab and not args.tiny:
-        neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, str(grab.at_s), str(grab.fraction),
-                                      str(grab.hold_s)], stdout=subprocess.PIPE, text=True,
+        at = -1.0 if grab.target == "before" else grab.at_s
+        neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, str(at), str(grab.fraction), str(grab.hold_s),
+                                      str(out / T0_FILE)], stdout=subprocess.PIPE, text=True,
                                      env=_gpu_env(gpu, uuids.get(gpu)))  # fmt: skip
-        if grab.target == "before":  # the grab lands before the job starts planning
-            time.sleep(max(3.0, grab.at_s) + 2.0)
+        if at < 0:  # the grab lands before the job starts planning
+            assert neighbour.stdout is not None
+            first.append(json.loads(neighbour.stdout.readline()))
     t = time.monotonic()
     proc = subprocess.run(_job_cmd(photos, out, args, gpu), env=env, capture_output=True, text=True)
     wall = time.monotonic() - t
-    lines: list[dict[str, Any]] = []
+    lines = first
     if neighbour:
         neighbour.kill()
         stdout, _ = neighbour.communicate()
-        lines = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
+        lines += [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
     report_path = out / "run.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {
         "ok": False, "exit_code": proc.returncode, "message": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return report, wall, lines
+    t0 = float((out / T0_FILE).read_text()) if (out / T0_FILE).exists() else None
+    return report, wall, lines, t0
 
 
 def timeline(report: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -262,14 +275,14 @@ def main() -> int:
             con.print(f.stdout.readline().strip())
     t_all = time.monotonic()
     try:
-        baselines = _parallel([(None, g) for g in args.gpus], photos, args, uuids, {})
+        baselines = _parallel([(None, g) for g in args.gpus], photos, args, uuids)
         base = {g: r for (g, r) in zip(args.gpus, baselines, strict=True)}
-        for g, (rep, wall, _) in base.items():
+        for g, (rep, wall, _, _) in base.items():
             con.print(f"baseline GPU {g}: {wall:.1f} s, ok={rep.get('ok')} {rep.get('plan_label')}")
         grabs = schedule(args.runs, args.gpus, {g: timeline(r[0]) for g, r in base.items()}, args.seed)
-        results = _parallel([(gr, gr.gpu) for gr in grabs], photos, args, uuids, {g: r[1] for g, r in base.items()})
-        rows = [summarise(gr, rep, wall, base[gr.gpu][1], lines, table.context_bytes)
-                for gr, (rep, wall, lines) in zip(grabs, results, strict=True)]  # fmt: skip
+        results = _parallel([(gr, gr.gpu) for gr in grabs], photos, args, uuids)
+        rows = [summarise(gr, rep, wall, base[gr.gpu][1], lines, table.context_bytes, t0)
+                for gr, (rep, wall, lines, t0) in zip(grabs, results, strict=True)]  # fmt: skip
     finally:
         for f in fillers:
             f.kill()
@@ -296,8 +309,8 @@ def main() -> int:
     return 0 if summary["finished"] == len(rows) and not summary["any_recomputed"] else 1
 
 
-def _parallel(jobs: list[tuple[Grab | None, str]], photos: Path, args: argparse.Namespace, uuids: dict[str, str],
-              base_walls: dict[str, float]) -> list[tuple[dict[str, Any], float, list[dict[str, Any]]]]:  # fmt: skip
+def _parallel(jobs: list[tuple[Grab | None, str]], photos: Path, args: argparse.Namespace,
+              uuids: dict[str, str]) -> list[Any]:
     """Run the jobs, one per GPU at a time, every GPU busy; results in the order given."""
     results: list[Any] = [None] * len(jobs)
     queues = {g: [i for i, (_, gg) in enumerate(jobs) if gg == g] for g in args.gpus}
@@ -305,8 +318,8 @@ def _parallel(jobs: list[tuple[Grab | None, str]], photos: Path, args: argparse.
     def lane(g: str) -> None:
         for i in queues[g]:
             grab = jobs[i][0]
-            results[i] = run_one(grab, photos, args.work, _for_gpu(args, g), uuids, base_walls.get(g, 0.0))
-            rep, wall, _ = results[i]
+            results[i] = run_one(grab, photos, args.work, _for_gpu(args, g), uuids)
+            rep, wall, _, _ = results[i]
             con.print(f"run {grab.run if grab else 'baseline'} GPU {g}: {wall:.1f} s ok={rep.get('ok')} "
                       f"{rep.get('message', '')}", highlight=False)  # fmt: skip
 
