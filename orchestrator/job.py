@@ -314,7 +314,7 @@ def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out:
         if broken:
             more = f" (and {len(broken) - 1} more damaged file(s))" if len(broken) > 1 else ""
             raise JobError(f"weight file {broken[0]}{more}", EXIT_MISSING_WEIGHTS)
-    _check_out_dir(out, options)
+    _check_out_dir(out)
     need = DISK_BASE + DISK_PER_VIEW * choice.plan.views
     probe_dir = out
     while not probe_dir.exists():
@@ -328,8 +328,8 @@ def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out:
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
-def _check_out_dir(out: Path, options: RunOptions) -> None:
-    """--out must be a folder we can write (created if missing), and not the photo folder itself."""
+def _check_out_dir(out: Path) -> None:
+    """--out must be a folder we can write (created if missing)."""
     if out.exists() and not out.is_dir():
         raise JobError(f"--out {shown(out)} is a file: pass a folder (it is created if missing)", EXIT_USAGE)
     try:

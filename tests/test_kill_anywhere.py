@@ -60,8 +60,9 @@ def _env(cache: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli_args(photos: Path, out: Path) -> list[str]:
+    """The smallest real run: tiny weights on CPU, 6 views, one denoising step."""
     return [sys.executable, "-c", "import cli, sys; sys.exit(cli.main())", "--tiny", "--device", "cpu", "--views", "6",
-            str(photos), "--out", str(out)]  # fmt: skip
+            "--steps", "1", str(photos), "--out", str(out)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     photos = write_cutouts(base / "photos")
     cache = base / "cache"
     ref = subprocess.run(_cli_args(photos, base / "reference"), env=_env(cache), capture_output=True, text=True,
-                         cwd=ROOT, timeout=600)  # fmt: skip
+                         cwd=ROOT, timeout=1200)  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-3000:]
     return {"base": base, "photos": photos, "cache": cache, "reference": base / "reference"}
 
@@ -153,7 +154,7 @@ def test_sigkill_at_ten_moments_then_rerun_gives_the_same_bytes(world: dict[str,
             assert done_now == set(expected_done), f"{stage}:{point}: done {sorted(done_now)}"
     before = _manifests(out / "job")
     final = subprocess.run(_cli_args(world["photos"], out), env=_env(world["cache"]), capture_output=True, text=True,
-                           cwd=ROOT, timeout=600)  # fmt: skip
+                           cwd=ROOT, timeout=1200)  # fmt: skip
     assert final.returncode == 0, final.stderr[-3000:]
     report = json.loads((out / "run.json").read_text())
     assert [a["stage"] for a in report["attempts"]] == STAGES
@@ -179,7 +180,7 @@ def test_damaged_artifacts_and_manifests_rerun_only_their_stage(world: dict[str,
     (out / "job" / "apose" / "manifest.msgpack").write_bytes(os.urandom(200))
     (out / "job" / "video" / "manifest.msgpack").write_bytes(msgpack.packb([1, 2, 3]))
     rerun = subprocess.run(_cli_args(world["photos"], out), env=_env(world["cache"]), capture_output=True, text=True,
-                           cwd=ROOT, timeout=600)  # fmt: skip
+                           cwd=ROOT, timeout=1200)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "Traceback" not in rerun.stderr
     report = json.loads((out / "run.json").read_text())
