@@ -63,8 +63,9 @@ def _previous_run(out: Path) -> dict[str, str]:
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file's sha256, but the output lock's own files (orchestrator.outlock: not outputs)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".up2you.")}  # fmt: skip
 
 
 def _png_bytes(im: Image.Image) -> bytes:

@@ -106,9 +106,17 @@ def _kill_at(world: dict[str, Path], out: Path, stage: str, point: str) -> list[
     assert proc.returncode == -signal.SIGKILL
     proc.stderr.close()
     _, alive = psutil.wait_procs(children, timeout=ORPHAN_S)
+    alive = [p for p in alive if _running(p)]  # a zombie nobody has reaped yet is dead
     for p in alive:  # do not leave them running into the next rerun; report them
         p.kill()
     return [f"{stage}:{point}: {len(alive)} stage process(es) outlived the orchestrator by {ORPHAN_S} s"] if alive else []
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _compared_files(out: Path) -> list[str]:
