@@ -2,13 +2,15 @@
 30-97 % of the free memory at a random moment and holds it or gives it back.
 
     . benchmarks/gpu_env.sh && OUT=/tmp/chaos python benchmarks/chaos.py [--runs 20] [--gpus 0,1,2,3]
+    python benchmarks/chaos.py --part 1/2 ...   then --part 2/2, then --merge a/chaos_part1.json b/chaos_part2.json
     python benchmarks/chaos.py --tiny --device cpu --runs 2     # the machinery, on a CPU (no real neighbour)
 
 Design (and why):
 - **One run per GPU at a time, all visible GPUs in parallel.** A neighbour's grab is a fact about a
   whole card: two runs sharing one card would both feel every grab, so a run's "stage it hit" would
   not be its own. 20 runs of ~40 s each do not fit 8 minutes one after another; on 4 GPUs they run in
-  5 waves (about 4-5 minutes). On one GPU, `--runs 10` fits about 8 minutes.
+  5 waves (about 4-5 minutes). On one GPU, split them: `--part K/3` runs every third of the same seeded
+  schedule (about 6 minutes each, its own baseline first), and `--merge` joins the parts.
 - **A 16 GiB card on an H200.** A filler process (another tenant) first takes all but `--card-gib`
   of each GPU, so that a grab of 30 % of what is free is felt by a 12 GB run, as it would be on a
   16 GB card; without it, on 141 GB, only grabs above ~90 % would matter.
@@ -243,9 +245,13 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results/chaos")))
+    ap.add_argument("--part", default="", help="K/N: only the runs i with i %% N == K-1 of the seeded schedule")
+    ap.add_argument("--merge", type=Path, nargs="+", help="chaos_part*.json files to join into chaos.json")
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.merge:
+        return merge(args.merge, args.out)
     args.work = args.work or args.out / "work"
     args.out.mkdir(parents=True, exist_ok=True)
     from budgets.table import load_table
@@ -280,6 +286,9 @@ def main() -> int:
         for g, (rep, wall, _, _) in base.items():
             con.print(f"baseline GPU {g}: {wall:.1f} s, ok={rep.get('ok')} {rep.get('plan_label')}")
         grabs = schedule(args.runs, args.gpus, {g: timeline(r[0]) for g, r in base.items()}, args.seed)
+        if args.part:
+            k, n = (int(x) for x in args.part.split("/"))
+            grabs = [g for g in grabs if g.run % n == k - 1]
         results = _parallel([(gr, gr.gpu) for gr in grabs], photos, args, uuids)
         rows = [summarise(gr, rep, wall, base[gr.gpu][1], lines, table.context_bytes, t0)
                 for gr, (rep, wall, lines, t0) in zip(grabs, results, strict=True)]  # fmt: skip
@@ -287,26 +296,43 @@ def main() -> int:
         for f in fillers:
             f.kill()
             f.wait()
-    summary = {
-        "runs": len(rows), "finished": sum(r["ok"] for r in rows),
-        "any_recomputed": sum(bool(r["recomputed"]) for r in rows),
-        "peak_within_cap": sum(r["peak_within_cap"] for r in rows),
-        "replanned": sum(bool(r["replans"]) for r in rows),
-        "mean_time_lost_s": round(sum(r["time_lost_s"] for r in rows) / max(1, len(rows)), 2),
-        "total_s": round(time.monotonic() - t_all, 1),
-    }  # fmt: skip
-    meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": _git(), "gpus": gpu_meta, "card_gib": args.card_gib,
+    summary = summarise_all(rows, time.monotonic() - t_all)
+    meta = {"part": args.part or "all", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": _git(), "gpus": gpu_meta, "card_gib": args.card_gib,
             "vram": args.vram, "wait_for_vram_s": args.wait_for_vram, "seed": args.seed, "tiny": args.tiny,
             "device": args.device, "plan": "6 views, 512 px, 10 steps, THG 3, 100 mesh iterations, full-random",
             "table": f"{table.name}@v{table.version}", "torch": _torch_version(), "python": sys.version.split()[0],
             "baselines": {g: {"wall_s": round(r[1], 2), "plan": r[0].get("plan_label"), "ok": r[0].get("ok")}
                           for g, r in base.items()}}  # fmt: skip
-    (args.out / "chaos.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1,
-                                                    default=str))  # fmt: skip
+    name = f"chaos_part{args.part.split('/')[0]}.json" if args.part else "chaos.json"
+    return write(args.out / name, meta, rows, summary)
+
+
+def summarise_all(rows: list[dict[str, Any]], total_s: float) -> dict[str, Any]:
+    return {
+        "runs": len(rows), "finished": sum(r["ok"] for r in rows),
+        "any_recomputed": sum(bool(r["recomputed"]) for r in rows),
+        "peak_within_cap": sum(r["peak_within_cap"] for r in rows),
+        "replanned": sum(bool(r["replans"]) for r in rows),
+        "mean_time_lost_s": round(sum(r["time_lost_s"] for r in rows) / max(1, len(rows)), 2),
+        "total_s": round(total_s, 1),
+    }  # fmt: skip
+
+
+def write(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1, default=str))
     print_table(rows)
     con.print(json.dumps(summary))
-    con.print(f"wrote {args.out / 'chaos.json'}")
+    con.print(f"wrote {path}")
     return 0 if summary["finished"] == len(rows) and not summary["any_recomputed"] else 1
+
+
+def merge(parts: list[Path], out: Path) -> int:
+    """Join --part results (same seed and settings) into one chaos.json, runs in schedule order."""
+    loaded = [json.loads(p.read_text()) for p in parts]
+    rows = sorted((r for d in loaded for r in d["runs"]), key=lambda r: r["run"])
+    meta = {**loaded[0]["meta"], "part": "merged", "parts": [d["meta"] for d in loaded]}
+    return write(out / "chaos.json", meta, rows, summarise_all(rows, sum(d["summary"]["total_s"] for d in loaded)))
 
 
 def _parallel(jobs: list[tuple[Grab | None, str]], photos: Path, args: argparse.Namespace,
