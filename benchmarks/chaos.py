@@ -199,11 +199,7 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
     gpu = grab.gpu if grab else args.gpus[0]
     out = work / (f"run_{grab.run:02d}" if grab else f"baseline_gpu{gpu}")
     shutil.rmtree(out, ignore_errors=True)
-    # learned corrections per run (an OOM one run learns must not steer the next); one nvdiffrast build for all
-    from orchestrator.corrections import cache_dir
-
-    ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(cache_dir() / "torch_extensions")
-    env = {**os.environ, "UP2YOU_CACHE_DIR": str(out.parent / f"cache_{out.name}"), "TORCH_EXTENSIONS_DIR": ext}
+    env = {**os.environ, "UP2YOU_CACHE_DIR": str(out.parent / f"cache_{out.name}")}  # corrections learned per run
     if args.tiny and grab and grab.target != "before":
         env["UP2YOU_FAULTS"] = f"{grab.target}:oom:1"  # no GPU: the grab's effect, injected
     neighbour = None
