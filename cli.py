@@ -13,20 +13,24 @@ dispatches on argv[1] itself: a word in SUBCOMMANDS selects that command, anythi
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.console import gpu_table, ledger_table, plan_table
 from orchestrator.inputs import EXIT_USAGE
-from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, plan_job, run_job
+from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, input_notes, plan_job, run_job
 from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.probe import ProbeError, default_probe
 from orchestrator.sizes import gib, parse_duration, parse_size
+from stages.jobfs import shown
 from stages.plan import RESOLUTION_CHOICES, VIEW_CHOICES
 from stages.spec import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_NO_DEVICE, UP2YOU
 
@@ -42,16 +46,24 @@ def _vram(value: str) -> str:
     return value
 
 
-def _auto_int(choices: tuple[int, ...] | None) -> Callable[[str], int | None]:
+def _auto_int(choices: tuple[int, ...] | None, option: str) -> Callable[[str], int | None]:
     def parse(value: str) -> int | None:
         if value == "auto":
             return None
         if not value.isdigit() or int(value) < 1 or (choices and int(value) not in choices):
             allowed = "auto or " + ("|".join(map(str, choices)) if choices else "a positive integer")
-            raise typer.BadParameter(f"{value!r}: expected {allowed}")
+            raise typer.BadParameter(f"{value!r}: expected {allowed}", param_hint=option)
         return int(value)
 
     return parse
+
+
+def _steps(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise typer.BadParameter(f"{value!r}: expected a positive number of denoising steps, like 50", param_hint="--steps")
+    return int(value)
 
 
 def _duration(value: str) -> float:
@@ -69,7 +81,7 @@ def run_command(
     out: Path | None = typer.Option(None, help="Output folder (default: <input>_up2you/ beside the input)."),
     views: str = typer.Option("auto", help=f"auto or {'|'.join(map(str, VIEW_CHOICES))}."),
     resolution: str = typer.Option("auto", help=f"auto or {'|'.join(map(str, RESOLUTION_CHOICES))}."),
-    steps: int | None = typer.Option(None, min=1, help="Denoising steps (default 50)."),
+    steps: str | None = typer.Option(None, help="Denoising steps (default 50)."),
     thg_interval: str = typer.Option("auto", help="Tortoise-and-Hare guidance interval: auto (3) or N."),
     weights: Path | None = typer.Option(None, help="Folder of released checkpoints (default ./weights)."),
     max_retries: int = typer.Option(3, min=0, help="Out-of-memory retries before giving up."),
@@ -90,9 +102,11 @@ def run_command(
     if device not in ("cuda", "cpu"):
         raise typer.BadParameter(f"{device!r}: expected cuda or cpu", param_hint="--device")
     options = RunOptions(
-        vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES)(views), resolution=_auto_int(RESOLUTION_CHOICES)(resolution),
-        steps=steps, thg_interval=_auto_int(None)(thg_interval), weights=weights, max_retries=max_retries,
-        wait_for_vram_s=float(wait_for_vram), wait_for_siblings_s=float(wait_for_siblings), prefer=prefer, device=device, tiny=tiny, plan_only=plan, quiet=json_out,
+        vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES, "--views")(views),
+        resolution=_auto_int(RESOLUTION_CHOICES, "--resolution")(resolution),
+        steps=_steps(steps), thg_interval=_auto_int(None, "--thg-interval")(thg_interval), weights=weights, max_retries=max_retries,
+        wait_for_vram_s=float(wait_for_vram), wait_for_siblings_s=float(wait_for_siblings), prefer=prefer, device=device,
+        tiny=tiny, plan_only=plan, quiet=json_out,
     )  # fmt: skip
     if plan:
         _print_plan(input_dir, options, json_out)
@@ -107,7 +121,8 @@ def run_command(
         if report.smoke_test:
             err.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
     else:
-        err.print(f"[red]error:[/red] {report.message}\n  report: {report.out_dir / 'run.json'}")
+        err.print(f"[red]error:[/red] {escape(shown(report.message))}\n  report: {escape(str(report.out_dir / 'run.json'))}",
+                  highlight=False, soft_wrap=True)
     raise typer.Exit(report.exit_code)
 
 
@@ -121,8 +136,8 @@ def _print_plan(input_dir: Path, options: RunOptions, json_out: bool) -> None:
                                      for f in jp.choice.fits}}, indent=1))  # fmt: skip
         return
     con = Console()
-    for p in jp.inputs.ignored:
-        con.print(f"note: {p.name} is not an image, ignored")
+    for line in input_notes(jp.inputs):
+        con.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
     if options.tiny:
         con.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
     con.print(plan_table(UP2YOU, jp.choice, f"plan: {jp.choice.candidate.label} — budget {jp.budget.source}"))
@@ -167,8 +182,8 @@ def plan_command(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:  # fmt: skip
     """Print the plan for INPUT_DIR and run nothing (same as the main command with --plan)."""
-    options = RunOptions(vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES)(views),
-                         resolution=_auto_int(RESOLUTION_CHOICES)(resolution), prefer=prefer, device=device,
+    options = RunOptions(vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES, "--views")(views),
+                         resolution=_auto_int(RESOLUTION_CHOICES, "--resolution")(resolution), prefer=prefer, device=device,
                          tiny=tiny, plan_only=True)  # fmt: skip
     _print_plan(input_dir, options, json_out)
 
@@ -240,20 +255,35 @@ def main(argv: list[str] | None = None) -> int:
         code = click_cmd.main(args=args, prog_name=name, standalone_mode=False)
         return code if isinstance(code, int) else 0
     except JobError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(shown(str(exc)))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE:
+            raise
+        # the orchestrator's own writes (run.json, a request) failed; every finished stage is kept (atomic writes)
+        where = f" {exc.filename}" if exc.filename else ""
+        err.print(f"error: cannot write{where}: {os.strerror(exc.errno or 0)}; free space (or pass --out on another "
+                  "disk) and rerun: finished stages are kept", highlight=False, soft_wrap=True, markup=False)  # fmt: skip
+        return EXIT_DISK_FULL
     except Exception as exc:
-        # click's usage errors (click itself, or the copy newer typer vendors) know how to show themselves
-        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
-        if callable(show) and isinstance(code, int):
-            show()
+        # click's usage errors (click itself, or the copy newer typer vendors): one line, like ours
+        fmt, code = getattr(exc, "format_message", None), getattr(exc, "exit_code", None)
+        if callable(fmt) and isinstance(code, int):
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show()  # type: ignore[attr-defined]
+                return code or EXIT_USAGE
+            text = " ".join(str(fmt()).split())
+            err.print(f"error: {text} (see {name} --help)", highlight=False, soft_wrap=True, markup=False)
             return code or EXIT_USAGE
         raise
+
+
+_UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 if __name__ == "__main__":

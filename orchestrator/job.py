@@ -8,10 +8,13 @@ code — and returns a `RunReport` once stages ran, whether they all succeeded o
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,12 +24,13 @@ from typing import Any
 
 import psutil
 from rich.console import Console
+from rich.markup import escape
 
 from budgets.table import BudgetTable, load_table
 from orchestrator.admission import SIBLING_WAIT_S, Wait, holders, wait_kind, wait_line
 from orchestrator.console import ProgressPrinter, plan_table
 from orchestrator.corrections import Corrections, cache_dir
-from orchestrator.inputs import EXIT_USAGE, InputError, InputSet, scan_inputs
+from orchestrator.inputs import EXIT_USAGE, InputError, InputSet, scan_inputs, shown
 from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.outlock import OutputLock, OutputLocked
 from orchestrator.planner import (
@@ -39,7 +43,7 @@ from orchestrator.planner import (
     evaluate,
     same_quality,
 )
-from orchestrator.probe import GpuInfo, Probe, ProbeError, default_probe, select_gpu
+from orchestrator.probe import GpuInfo, NoSuchGpu, Probe, ProbeError, default_probe, select_gpu
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
 from orchestrator.sizes import gib, parse_size
@@ -201,6 +205,7 @@ def plan_job(
     try:
         ledger = Ledger(probe=probe) if probe is not None else None
         gpu = _pick_gpu(options, probe, ledger)
+        _check_vram_fits_card(options.vram, gpu)
     except LedgerError as exc:
         raise JobError(str(exc), EXIT_DISK_FULL) from None
     smoke = options.tiny
@@ -242,11 +247,14 @@ def run_job(
     jp = plan_job(input_dir, options, probe, pipeline, table, on_event=printer)
     inputs, budget, choice = jp.inputs, jp.budget, jp.choice
     out = Path(out_dir) if out_dir else default_out_dir(Path(input_dir))
+    if out.resolve() == Path(input_dir).resolve():
+        raise JobError(f"--out {shown(out)} is the photo folder itself: the next run would read the outputs as "
+                       "photos; pass another folder (the default is <photos>_up2you/)", EXIT_USAGE)  # fmt: skip
     job = JobDir(out / "job")
     if options.tiny:
         console.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
-    for p in inputs.ignored:
-        console.print(f"[dim]note: {p.name} is not an image, ignored[/dim]")
+    for line in input_notes(inputs):
+        console.print(f"[dim]note: {escape(line)}[/dim]", highlight=False, soft_wrap=True)
     console.print(plan_table(pipeline, choice, f"plan: {choice.candidate.label} — budget {budget.source}"))
     for d in choice.degradations:
         console.print(f"[yellow]  {d}[/yellow]")
@@ -305,6 +313,8 @@ def _pick_gpu(options: RunOptions, probe: Probe | None, ledger: Ledger | None) -
         if options.gpu == "auto" and ledger is not None and gpus:
             return max(gpus, key=lambda g: ledger.available(g))
         return select_gpu(gpus, options.gpu)
+    except NoSuchGpu as exc:
+        raise JobError(str(exc), EXIT_USAGE) from None
     except ProbeError as exc:
         raise JobError(str(exc), EXIT_NO_DEVICE) from None
 
@@ -320,6 +330,19 @@ def _wanted_budget(
     best = candidates(base, constraints)[0]
     return min(max(f.need_bytes for f in evaluate(c.plan, pipeline, table, n_refs, 0, corrections.factors()))
                for c in same_quality(best.plan, base, constraints))  # fmt: skip
+
+
+def input_notes(inputs: InputSet) -> list[str]:
+    """What the scan did about odd inputs, one line each (printed as notes before the plan)."""
+    return [f"{shown(p.name)} is not an image, ignored" for p in inputs.ignored] + list(inputs.notes)
+
+
+def _check_vram_fits_card(vram: str, gpu: GpuInfo | None) -> None:
+    """A cap above the card's total can never be met: a typo or the wrong --gpu, not a neighbour."""
+    if vram == "auto" or gpu is None or parse_size(vram) <= gpu.total:
+        return
+    raise JobError(f"--vram {vram} is more than GPU {gpu.index} ({gpu.name}) has in total ({gib(gpu.total)}): pass at "
+                   f"most {int(gpu.total * 10 / 2**30) / 10:g}GB, or auto, or pick another GPU with --gpu", EXIT_USAGE)  # fmt: skip
 
 
 def _wait_for_budget(
@@ -364,14 +387,24 @@ def _weights_dir(options: RunOptions) -> Path:
 
 
 def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out: Path) -> None:
-    """Stop before any process starts: missing weights (listed with their source), too little disk."""
+    """Stop before any process starts: missing or damaged weights (with their source), an unusable --out,
+    too little disk."""
     if not (options.tiny or options.full_random):
         keys = sorted({k for s in pipeline.stages for k in s.checkpoints})
         missing = checkpoints.missing(choice.plan.weights_dir, keys)
+        if len(missing) == 1:
+            raise JobError(f"weight file {missing[0][0]} is missing: get it from {missing[0][1]} (or pass --weights DIR; "
+                           "--tiny runs a smoke test without weights)", EXIT_MISSING_WEIGHTS)  # fmt: skip
         if missing:
             lines = "\n".join(f"  {path}\n    get it from {source}" for path, source in missing)
-            raise JobError(f"{len(missing)} weight file(s) missing under {choice.plan.weights_dir} "
-                           f"(--weights DIR):\n{lines}\nor run with --tiny for a smoke test", EXIT_MISSING_WEIGHTS)  # fmt: skip
+            raise JobError(f"{len(missing)} weight files missing under {choice.plan.weights_dir}: put them there "
+                           f"(listed below, with where to get each) or pass --weights DIR; --tiny runs a smoke "
+                           f"test without weights\n{lines}", EXIT_MISSING_WEIGHTS)  # fmt: skip
+        broken = checkpoints.damaged(choice.plan.weights_dir, keys)
+        if broken:
+            more = f" (and {len(broken) - 1} more damaged file(s))" if len(broken) > 1 else ""
+            raise JobError(f"weight file {broken[0]}{more}", EXIT_MISSING_WEIGHTS)
+    _check_out_dir(out)
     need = DISK_BASE + DISK_PER_VIEW * choice.plan.views
     probe_dir = out
     while not probe_dir.exists():
@@ -380,6 +413,26 @@ def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out:
     if free < need:
         raise JobError(f"not enough disk in {probe_dir}: {free / 1e9:.1f} GB free, this run needs about "
                        f"{need / 1e9:.1f} GB; free space or pass --out on another disk", EXIT_DISK_FULL)  # fmt: skip
+
+
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _check_out_dir(out: Path) -> None:
+    """--out must be a folder we can write (created if missing)."""
+    if out.exists() and not out.is_dir():
+        raise JobError(f"--out {shown(out)} is a file: pass a folder (it is created if missing)", EXIT_USAGE)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise JobError(f"--out {shown(out)}: a part of that path is a file: pass a folder path", EXIT_USAGE) from None
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE:
+            raise
+        raise JobError(f"--out {shown(out)} is not writable ({os.strerror(exc.errno or 0)}): pass a folder you can "
+                       "write to, e.g. --out ~/up2you_out", EXIT_DISK_FULL) from None  # fmt: skip
 
 
 def ensure_tiny_weights(weights: Path, console: Console) -> None:

@@ -48,3 +48,13 @@ def fake_table() -> BudgetTable:
 @pytest.fixture
 def gpu24() -> SimulatedProbe:
     return SimulatedProbe(SimulatedGpu(24 * GiB, name="Simulated 24G"))
+
+
+def write_cutouts(folder: Path, n: int = 2) -> Path:
+    """`n` RGBA photos of a plain standing block with its own alpha: segment keeps the alpha (no matting)."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        im = Image.new("RGBA", (90, 150), (90, 120, 200, 0))
+        im.paste((200, 150, 120, 255), (30, 10 + i, 60, 140))
+        im.save(folder / f"photo_{i}.png")
+    return folder
