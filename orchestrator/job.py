@@ -26,6 +26,7 @@ from budgets.table import BudgetTable, load_table
 from orchestrator.console import ProgressPrinter, plan_table
 from orchestrator.corrections import Corrections, cache_dir
 from orchestrator.inputs import EXIT_USAGE, InputError, InputSet, scan_inputs
+from orchestrator.outlock import OutputLock, OutputLocked
 from orchestrator.planner import Constraints, NoPlanFits, PlanChoice, base_plan, choose_plan
 from orchestrator.probe import GpuInfo, NvmlProbe, Probe, ProbeError, select_gpu
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
@@ -217,6 +218,23 @@ def run_job(
     _preflight(pipeline, choice, options, out)
     if options.tiny:
         ensure_tiny_weights(Path(choice.plan.weights_dir), console)
+    lock = OutputLock(out)
+    try:
+        lock.acquire()
+    except OutputLocked as exc:
+        raise JobError(str(exc), exc.exit_code) from None
+    try:
+        return _run_locked(report, jp, job, out, options, probe, pipeline, console, t0)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    report: RunReport, jp: JobPlan, job: JobDir, out: Path, options: RunOptions, probe: Probe | None,
+    pipeline: Pipeline, console: Console, t0: float,
+) -> RunReport:  # fmt: skip
+    """The part of a run that writes into `out`: only ever one at a time per folder (the caller holds its lock)."""
+    inputs, budget, choice = jp.inputs, jp.budget, jp.choice
     job.root.mkdir(parents=True, exist_ok=True)
     job.write_inputs(inputs.record())
     ctx = RunContext(job, pipeline, jp.table, len(inputs.photos), inputs.key, jp.constraints, jp.base, budget.bytes,

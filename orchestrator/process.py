@@ -3,7 +3,8 @@
 Protocol (stages.harness): the child, started with `--prestart`, imports and prepares (host memory
 only), prints `ready <t>` on stdout and blocks reading one line from stdin; `go\\n` lets it run,
 closing stdin dismisses it (exit 0). Each child gets its own process group, so a terminal's Ctrl-C
-reaches only the orchestrator, which forwards it, and a kill of the group leaves no orphan.
+reaches only the orchestrator, which forwards it, and a kill of the group leaves no orphan. Every child
+runs under `stages.lifeline`, so it also dies when the orchestrator itself is killed (SIGKILL included).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+from stages import lifeline
 from stages.spec import StageSpec
 
 GRACE_S = 5.0  # how long a child may take to exit after SIGINT before the group is killed
@@ -29,8 +30,8 @@ class StageProcess:
         self, spec: StageSpec, job_dir: Path, weights_dir: str, profile: str, env: dict[str, str], log_path: Path,
     ) -> None:  # fmt: skip
         self.spec = spec
-        cmd = [sys.executable, "-m", spec.module, str(job_dir), "--weights", weights_dir, "--profile", profile,
-               "--prestart"]  # fmt: skip
+        # under the lifeline: the child dies with this process, however this process dies
+        cmd = lifeline.command(spec.module, str(job_dir), "--weights", weights_dir, "--profile", profile, "--prestart")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "a")  # noqa: SIM115 - closed in _reap, after the child is gone
         self._log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
@@ -42,7 +43,7 @@ class StageProcess:
         self.stdout_lines: list[str] = []
         self._ready = threading.Event()
         self.popen = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env, text=True,
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=lifeline.env(env), text=True,
             start_new_session=True,
         )  # fmt: skip
         self._reader = threading.Thread(target=self._read_stdout, name=f"stdout-{spec.name}", daemon=True)

@@ -123,6 +123,7 @@ UP2YOU = Pipeline(
                   checkpoints=("sd21", "normal_adapter", "birefnet"), doc="multi-view normal diffusion"),
         StageSpec("mesh", "stages.mesh", reads=("apose", "rgb", "normal"),
                   knobs=("views", "mesh_iters", "mesh_resolution"), checkpoints=("smplx", "mano_ids", "smplx_lmkid"),
+                  version=2,  # v2: upstream's colour weights at the six training views
                   doc="continuous remeshing from SMPL-X, hands, Poisson, vertex colours"),
         StageSpec("video", "stages.video", reads=("mesh", "rgb", "normal"),
                   knobs=("video_frames", "video_resolution"), doc="turntable video and contact sheet"),

@@ -9,6 +9,8 @@ import math
 
 TRAINING_YAWS_6 = (0.0, 45.0, 90.0, 180.0, 270.0, 315.0)
 """The adapters were trained on exactly these six views (upstream `VIEWS_6`), in this order."""
+TRAINING_WEIGHTS_6 = (1.0, 0.4, 0.8, 1.0, 0.8, 0.4)
+"""Upstream's colour weights for those six views (the formula below would give 0.5 at 45 and 315)."""
 
 
 def view_yaws(n: int) -> list[float]:
@@ -38,5 +40,11 @@ def color_weight(yaw: float) -> float:
 
 
 def color_weights(yaws: list[float] | tuple[float, ...]) -> list[float]:
-    """Per-view colour weights for the given yaws (degrees); see `color_weight`."""
+    """Per-view colour weights for the given yaws (degrees).
+
+    The six training views get upstream's own weights, the ones the released model was tuned with;
+    any other set gets `color_weight` per yaw. Both are mirror-symmetric.
+    """
+    if tuple(float(y) for y in yaws) == TRAINING_YAWS_6:
+        return list(TRAINING_WEIGHTS_6)
     return [color_weight(y) for y in yaws]

@@ -4,12 +4,16 @@ from a separate process, so tests can signal the orchestrator itself (Ctrl-C, SI
 import sys
 
 from budgets.table import load_table
-from orchestrator.job import RunOptions, run_job
+from orchestrator.job import JobError, RunOptions, run_job
 from orchestrator.probe import SimulatedGpu, SimulatedProbe
 from tests.fakestages import FAKE, TABLE_PATH
 
 if __name__ == "__main__":
-    report = run_job(sys.argv[1], sys.argv[2], RunOptions(vram="12GB", device="cpu"),
-                     probe=SimulatedProbe(SimulatedGpu(24 * 2**30)), pipeline=FAKE, table=load_table(TABLE_PATH))
+    try:
+        report = run_job(sys.argv[1], sys.argv[2], RunOptions(vram="12GB", device="cpu"),
+                         probe=SimulatedProbe(SimulatedGpu(24 * 2**30)), pipeline=FAKE, table=load_table(TABLE_PATH))
+    except JobError as exc:
+        print(f"error: {exc}", flush=True)
+        sys.exit(exc.exit_code)
     print(f"exit {report.exit_code}: {report.message}", flush=True)
     sys.exit(report.exit_code)

@@ -1,0 +1,21 @@
+# Source this from the repository root on a fresh GPU machine (torch with CUDA preinstalled, no network):
+#     . benchmarks/gpu_env.sh
+# It installs the wheels carried in .whl/ (diffusers, smplx, diffrp-nvdiffrast, trimesh, imageio-ffmpeg)
+# into /tmp/site without touching the machine's torch, puts the repo and them on PYTHONPATH, and starts the
+# one-time nvdiffrast build in the background (waited for by `wait_nvdiffrast`), so that no benchmark's
+# first stage pays it. Wheels are fetched beforehand on a machine with an index:
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 --platform any -d .whl diffusers smplx trimesh imageio-ffmpeg==0.5.1
+#     pip download --no-deps -d .whl diffrp-nvdiffrast
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || return 1 2>/dev/null || exit 1
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export UP2YOU_CACHE_DIR=${UP2YOU_CACHE_DIR:-/tmp/up2you-cache}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
+python3 -c "from up2you.render.nvdiffrast_backend import load_nvdiffrast as l; print('nvdiffrast built in %.0f s' % l()[1])" \
+    >/tmp/nvdiffrast_build.log 2>&1 &
+NVDIFFRAST_BUILD_PID=$!
+wait_nvdiffrast() { wait "$NVDIFFRAST_BUILD_PID"; cat /tmp/nvdiffrast_build.log; }
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

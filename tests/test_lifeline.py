@@ -1,0 +1,162 @@
+"""Children die with their parent, and one run at a time writes an output folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.job import JobError, RunOptions, run_job
+from orchestrator.outlock import EXIT_LOCKED, OutputLock
+from stages import lifeline
+from stages.jobfs import JobDir
+from tests.fakestages import FAKE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children_of_job(out: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if "stages.lifeline" in cmd and any(str(out) in part for part in cmd):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _alive_after(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those still running after `timeout` s (a zombie has exited and holds nothing: it is only unreaped,
+    since its new parent, this sandbox's init, may not reap)."""
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [p for p in procs if alive(p)]
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _drive(photos: Path, out: Path, faults: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "UP2YOU_FAULTS": faults, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "tests.fakestages.drive", str(photos), str(out)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_sigkill_of_the_orchestrator_takes_running_and_prestarted_stages_along(photos, tmp_path) -> None:
+    out = tmp_path / "out"
+    proc = _drive(photos, out, "rgb:sleep:1:120")
+    try:
+        _wait_for(JobDir(out / "job").path("rgb", "request.msgpack").exists)
+        # rgb is running (sleeping inside its run) and mesh is pre-started, waiting for `go`
+        _wait_for(lambda: len(_children_of_job(out)) >= 2)
+        children = _children_of_job(out)
+        names = {" ".join(c.cmdline()) for c in children}
+        assert any("tests.fakestages.rgb" in n for n in names) and any("tests.fakestages.mesh" in n for n in names)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        killed_at = time.monotonic()
+        alive = _alive_after(children, 1.0)
+        assert not alive, f"still alive {time.monotonic() - killed_at:.2f} s after the orchestrator's SIGKILL: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    # the kernel dropped the killed run's folder lock: a rerun on the same folder is not refused, and resumes
+    again = _drive(photos, out, "")
+    stdout, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0, stderr
+    assert "exit 0" in stdout
+
+
+def test_a_child_whose_parent_is_already_gone_exits_at_once() -> None:
+    # the expected parent (pid 1 is never our parent here) is not the actual one: the lifeline must not run it
+    env = {**os.environ, lifeline.PARENT_ENV: "1", "PYTHONPATH": str(ROOT)}
+    t = time.monotonic()
+    proc = subprocess.run(lifeline.command("this_module_is_never_imported"), env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+    assert proc.returncode == 137, proc.stderr
+    assert "No module named" not in proc.stderr
+    assert time.monotonic() - t < 10
+
+
+def test_the_lifeline_runs_the_module_with_its_arguments(tmp_path) -> None:
+    script = tmp_path / "echo_args.py"
+    script.write_text("import sys; print('args', sys.argv[1:])\n")
+    env = lifeline.env({**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    proc = subprocess.run(lifeline.command("echo_args", "a", "--b"), env=env, capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "args ['a', '--b']" in proc.stdout
+
+
+def test_a_parent_that_dies_later_is_noticed(tmp_path) -> None:
+    """A middle process starts a lifeline child, then is SIGKILLed: the child must follow within a second."""
+    child_pid = tmp_path / "child.pid"
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text(f"import os, time; open({str(child_pid)!r}, 'w').write(str(os.getpid())); time.sleep(120)\n")
+    middle = (
+        "import os, subprocess, sys, time\n"
+        "from stages import lifeline\n"
+        "subprocess.Popen(lifeline.command('sleeper'), env=lifeline.env(), start_new_session=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    proc = subprocess.Popen([sys.executable, "-c", middle], env=env, cwd=ROOT)
+    try:
+        _wait_for(lambda: child_pid.exists() and child_pid.read_text().strip() != "", timeout=30)
+        child = psutil.Process(int(child_pid.read_text()))
+        proc.kill()
+        proc.wait(timeout=10)
+        assert not _alive_after([child], 1.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(photos, tmp_path, gpu24, fake_table) -> None:
+    out = tmp_path / "out"
+    opts = RunOptions(vram="12GB", device="cpu")
+    with OutputLock(out):  # another live run holds the folder
+        with pytest.raises(JobError) as info:
+            run_job(photos, out, opts, probe=gpu24, pipeline=FAKE, table=fake_table)
+        assert info.value.exit_code == EXIT_LOCKED
+        message = str(info.value)
+        assert f"pid {os.getpid()}" in message and "--out" in message and "\n" not in message
+        assert not (out / "job").exists()  # the refused run wrote nothing
+    report = run_job(photos, out, opts, probe=gpu24, pipeline=FAKE, table=fake_table)  # free again
+    assert report.ok, report.message
+
+
+def test_two_processes_at_once_one_is_refused(photos, tmp_path) -> None:
+    out = tmp_path / "out"
+    first = _drive(photos, out, "rgb:sleep:1:120")
+    try:
+        _wait_for(JobDir(out / "job").path("rgb", "request.msgpack").exists)
+        second = _drive(photos, out, "")
+        stdout, stderr = second.communicate(timeout=60)
+        assert second.returncode == EXIT_LOCKED, (stdout, stderr)
+        assert f"pid {first.pid}" in stdout + stderr
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.kill()
+        first.communicate()
