@@ -6,10 +6,10 @@ The fleet never reaches into a job: it starts this command and reads the job's r
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from orchestrator.job import RunOptions
+from stages import lifeline
 
 ROOT = Path(__file__).resolve().parents[2]  # where cli.py lies (the source tree or site-packages)
 
@@ -33,9 +33,9 @@ def job_args(options: RunOptions) -> list[str]:
 
 
 def job_command(folder: Path, out: Path, gpu_index: int | None, options: RunOptions) -> list[str]:
-    """`python -m cli FOLDER --gpu INDEX --out OUT ...`: one subject's job."""
+    """`python -m cli FOLDER --gpu INDEX --out OUT ...` under the lifeline (it dies with its starter)."""
     gpu = ["--gpu", str(gpu_index)] if gpu_index is not None else []
-    return [sys.executable, "-m", "cli", str(folder), *gpu, "--out", str(out), *job_args(options)]
+    return lifeline.command("cli", str(folder), *gpu, "--out", str(out), *job_args(options))
 
 
 def job_env() -> dict[str, str]:

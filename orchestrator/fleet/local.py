@@ -1,8 +1,8 @@
 """The local backend: one OS process per subject's job on this host, which dies with the fleet.
 
-Each job gets its own session (a terminal's Ctrl-C reaches only the fleet, which forwards it) and
-PR_SET_PDEATHSIG=SIGTERM (Linux): if the fleet is killed, even with SIGKILL, the kernel sends each job
-SIGTERM, which the job treats as Ctrl-C: it stops its stage and writes run.json, so a rerun resumes.
+Each job gets its own session (a terminal's Ctrl-C reaches only the fleet, which forwards it: the job
+stops its stage and writes run.json) and runs under `stages.lifeline`, so if the fleet is killed, even
+with SIGKILL, the job and its stages die with it; a rerun resumes from the finished stages.
 """
 
 from __future__ import annotations
@@ -11,38 +11,25 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
+
+from stages import lifeline
 
 GRACE_S = 20.0  # how long an interrupted job may take to stop its stage and write run.json
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask the kernel to SIGTERM this child when the process that started it exits (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 class LocalJob:
-    """One job process; stdout and stderr go to `log_path` (the progress lines the fleet follows).
-
-    Start it from a thread that lives as long as the fleet: the death signal follows the starting thread.
-    """
+    """One job process (`cmd` from command.job_command: under the lifeline); stdout and stderr go to
+    `log_path`, the progress lines the fleet follows."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
             log.write(f"--- {' '.join(cmd)}\n")
             log.flush()
-            self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          env=env, cwd=cwd, start_new_session=True,
-                                          preexec_fn=_die_with_parent)  # fmt: skip
+            self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, env=lifeline.env(env), cwd=cwd,
+                                          start_new_session=True)  # fmt: skip
 
     @property
     def pid(self) -> int:
