@@ -238,3 +238,41 @@ def test_ray_backend_runs_subjects_on_a_local_cluster(tmp_path: Path, fleet_env,
         assert rows[n]["outcome"] == "ok" and rows[n]["gpu"].endswith(("GPU 0", "GPU 1"))
         run = json.loads((tmp_path / "out" / n / "run.json").read_text())
         assert run["ok"] and f"GPU {run['budget']['gpu']['index']}" in rows[n]["gpu"]
+
+
+def test_jobs_die_with_a_killed_fleet(tmp_path: Path, fleet_env, monkeypatch) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    monkeypatch.setenv("FAKE_RUN_S", "prep=60")
+    root = _subjects(tmp_path / "subjects", ["ann", "ben"])
+    out = tmp_path / "marker_out"
+    fleet = subprocess.Popen([sys.executable, "-m", "cli", str(root), "--device", "cpu", "--vram", "8GB",
+                              "--jobs-per-gpu", "1", "--out", str(out)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid != fleet.pid and any(str(out) in a for a in p.info["cmdline"] or []):
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    deadline = time.monotonic() + 60
+    while not (out / "ann" / "job" / "prep" / "request.msgpack").exists():  # ann's first stage is running
+        assert time.monotonic() < deadline and fleet.poll() is None, "the fleet did not start a job"
+        time.sleep(0.1)
+    assert ours()
+    fleet.send_signal(signal.SIGKILL)
+    fleet.wait()
+    deadline = time.monotonic() + 15
+    while ours():
+        assert time.monotonic() < deadline, f"left behind: {[p.cmdline() for p in ours()]}"
+        time.sleep(0.1)
