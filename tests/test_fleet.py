@@ -276,3 +276,17 @@ def test_jobs_die_with_a_killed_fleet(tmp_path: Path, fleet_env, monkeypatch) ->
     while ours():
         assert time.monotonic() < deadline, f"left behind: {[p.cmdline() for p in ours()]}"
         time.sleep(0.1)
+
+
+def test_the_fleet_imports_neither_torch_nor_ray_and_only_ray_files_import_ray() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, cli, orchestrator.fleet.queue, orchestrator.fleet.ray_worker; "
+            "sys.exit(('torch' in sys.modules) + 2 * ('ray' in sys.modules))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr or f"imported: code {proc.returncode} (1 torch, 2 ray)"
+    importers = [p.relative_to(ROOT).as_posix() for p in ROOT.glob("[!.]*/**/*.py")
+                 if "tests" not in p.parts and any(line.strip().startswith(("import ray", "from ray"))
+                                                   for line in p.read_text().splitlines())]  # fmt: skip
+    assert importers and all(p.startswith("orchestrator/fleet/ray") for p in importers), importers

@@ -34,7 +34,8 @@ from orchestrator.fleet.progress import FleetView
 from orchestrator.fleet.subjects import Subject
 from orchestrator.fleet.summary import SubjectRecord, plot_fleet_timeline, read_run, write_summary
 from orchestrator.inputs import EXIT_USAGE, InputError
-from orchestrator.job import JobError, RunOptions, plan_job
+from orchestrator.corrections import cache_dir
+from orchestrator.job import JobError, RunOptions, ensure_tiny_weights, plan_job
 from orchestrator.probe import NvmlProbe, Probe, ProbeError
 from orchestrator.sizes import gib
 from orchestrator.testenv import job_doubles
@@ -134,6 +135,8 @@ class Fleet:
     def run(self) -> FleetResult:
         self._check_gpus()
         todo = self._prepare()
+        if self.options.tiny and todo:  # once here, not racing in every job
+            ensure_tiny_weights(cache_dir() / "tiny-weights", self.console)
         interrupted = False
         try:
             with _sigterm_as_interrupt():

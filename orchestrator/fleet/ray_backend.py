@@ -33,7 +33,7 @@ from orchestrator.job import JobError, RunOptions
 from orchestrator.probe import GpuInfo, NvmlProbe, ProbeError
 from orchestrator.runner import AUTO_RESERVE
 from orchestrator.testenv import job_doubles
-from stages.spec import EXIT_NO_DEVICE
+from stages.spec import EXIT_INTERRUPTED, EXIT_NO_DEVICE
 
 if TYPE_CHECKING:
     from orchestrator.fleet.queue import Fleet
@@ -143,6 +143,8 @@ def _finish(fleet: Fleet, rec: SubjectRecord, log: JobLog, ref: Any) -> None:
         result = ray.get(ref)
         code = int(result["exit_code"])
         tail = result.get("message") or log.last_line
+    except ray.exceptions.TaskCancelledError:
+        code, tail = EXIT_INTERRUPTED, "interrupted: cancelled before it ran on a worker"
     except (ray.exceptions.RayError, KeyboardInterrupt) as exc:
         code, tail = 1, f"the Ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if rec.started_s is None:
