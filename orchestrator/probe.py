@@ -159,27 +159,3 @@ class SimulatedProbe:
 
     def process_bytes(self, index: int, pids: Collection[int]) -> int | None:
         return None  # the simulated GPU runs nothing of ours: the runner falls back to host RSS
-
-
-class FileSimulatedProbe:
-    """Simulated GPUs described by a JSON file, so several processes (a fleet and its jobs) see the same ones.
-
-    The file holds ``{"gpus": [{"total": BYTES, "name": ..., "neighbour_bytes": ..., "uuid": ...}]}`` and
-    is re-read on every call: a test may change a neighbour while jobs run.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def _probe(self) -> SimulatedProbe:
-        import json
-
-        with open(self.path) as f:
-            gpus = json.load(f)["gpus"]
-        return SimulatedProbe(*(SimulatedGpu(**g) for g in gpus))
-
-    def gpus(self) -> list[GpuInfo]:
-        return self._probe().gpus()
-
-    def process_bytes(self, index: int, pids: Collection[int]) -> int | None:
-        return None
