@@ -23,16 +23,17 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from orchestrator.console import gpu_table, plan_table
+from orchestrator.console import gpu_table, ledger_table, plan_table
 from orchestrator.fleet.queue import BACKENDS, FleetOptions, parse_gpus, run_fleet
 from orchestrator.fleet.subjects import Subject, detect_subjects
 from orchestrator.inputs import EXIT_USAGE, InputError
 from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, plan_job, run_job
-from orchestrator.probe import NvmlProbe, ProbeError
+from orchestrator.ledger import Ledger, LedgerError
+from orchestrator.probe import ProbeError, default_probe
 from orchestrator.sizes import gib, parse_duration, parse_size
 from orchestrator.testenv import job_doubles
 from stages.plan import RESOLUTION_CHOICES, VIEW_CHOICES
-from stages.spec import EXIT_INTERRUPTED, EXIT_NO_DEVICE, UP2YOU
+from stages.spec import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_NO_DEVICE, UP2YOU
 
 err = Console(stderr=True)
 
@@ -193,19 +194,30 @@ def _run_fleet(subjects: list[Subject], out: Path, options: RunOptions, fleet: F
 
 
 def gpus_command(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """What NVML sees: per GPU total/free/used memory and each compute process."""
+    """What NVML sees: per GPU total/free/used memory and each compute process; and the ledger's reservations."""
     try:
-        gpus = NvmlProbe().gpus()
+        probe = default_probe()
+        assert probe is not None
+        gpus = probe.gpus()
+        ledger = Ledger(probe=probe)
+        views = [ledger.view(g) for g in gpus]
     except ProbeError as exc:
         raise JobError(str(exc), EXIT_NO_DEVICE) from None
+    except LedgerError as exc:
+        raise JobError(str(exc), EXIT_DISK_FULL) from None
     if json_out:
-        print(json.dumps([{**g.__dict__, "processes": [p.__dict__ for p in g.processes]} for g in gpus], indent=1))
+        print(json.dumps([{**g.__dict__, "processes": [p.__dict__ for p in g.processes],
+                           "available_bytes": v.available(),
+                           "reservations": [{**h.reservation.__dict__, "allocated_bytes": h.allocated, "alive": h.alive}
+                                            for h in v.holdings],
+                           "waiting": [t.__dict__ for t in v.tickets]} for g, v in zip(gpus, views, strict=True)], indent=1))  # fmt: skip
         return
     if not gpus:
         raise JobError("NVML sees no GPU; use --device cpu --tiny for a CPU smoke test", EXIT_NO_DEVICE)
     Console().print(gpu_table(gpus))
-    free = max(gpus, key=lambda g: g.free)
-    Console().print(f"--gpu auto would pick GPU {free.index} ({gib(free.free)} free)")
+    Console().print(ledger_table(views))
+    best = max(views, key=lambda v: v.available())
+    Console().print(f"--gpu auto would pick GPU {best.gpu.index} ({gib(best.available())} free and unreserved)")
 
 
 def plan_command(
@@ -276,7 +288,9 @@ def ray_worker_command(
 
     try:
         selected = parse_gpus(gpus)
-        found = (job_doubles().get("probe") or NvmlProbe()).gpus()
+        probe = default_probe()
+        assert probe is not None  # on a GPU host: NVML (or the simulated GPUs of the tests)
+        found = probe.gpus()
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--gpus") from None
     except ProbeError as exc:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.ledger import LedgerView
 from orchestrator.planner import PlanChoice, StageFit
 from orchestrator.probe import GpuInfo
 from orchestrator.runner import Attempt, Replan
@@ -49,6 +51,31 @@ def gpu_table(gpus: list[GpuInfo]) -> Table:
     return t
 
 
+def ledger_table(views: list[LedgerView]) -> Table:
+    """What up2you-budget jobs on this host have claimed, per GPU, and who waits (the ledger)."""
+    from orchestrator.admission import job_label
+
+    t = Table(title="GPU ledger (reservations of up2you-budget jobs on this host)", title_justify="left")
+    for col in ("GPU", "free and unreserved", "job", "stage", "pid", "reserved", "allocated (NVML)", "since"):
+        t.add_column(col, justify="right" if col in ("reserved", "allocated (NVML)", "since") else "left")
+    now = time.time()
+    for v in views:
+        first = True
+        for h in v.holdings:
+            r = h.reservation
+            t.add_row(str(v.gpu.index) if first else "", gib(v.available()) if first else "", job_label(r.job_id),
+                      r.stage, str(r.pid) + ("" if h.alive else " (exited)"), gib(r.nbytes), gib(h.allocated),
+                      f"{now - r.created:.0f} s")  # fmt: skip
+            first = False
+        for k in v.tickets:
+            t.add_row(str(v.gpu.index) if first else "", gib(v.available()) if first else "", job_label(k.job_id),
+                      f"{k.stage} (waiting #{k.number})", str(k.pid), gib(k.nbytes), "-", f"{now - k.created:.0f} s")  # fmt: skip
+            first = False
+        if first:
+            t.add_row(str(v.gpu.index), gib(v.available()), "-", "-", "-", "-", "-", "-")
+    return t
+
+
 class ProgressPrinter:
     """Turns runner events into one line each (works the same in a terminal, a log file and CI)."""
 
@@ -75,6 +102,8 @@ class ProgressPrinter:
         elif kind == "waiting":
             free, budget = payload
             c.print(f"[yellow]… waiting for GPU memory: {gib(free)} free, budget {gib(budget)}[/yellow]")
+        elif kind == "wait":  # once per wait: who holds the GPU, how much is missing
+            c.print(f"[yellow]… {payload}[/yellow]", highlight=False)
 
     def _end(self, a: Attempt) -> None:
         measured = a.measured_gpu_bytes if a.measured_gpu_bytes is not None else a.measured_rss_bytes

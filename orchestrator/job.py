@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,23 @@ import psutil
 from rich.console import Console
 
 from budgets.table import BudgetTable, load_table
+from orchestrator.admission import SIBLING_WAIT_S, Wait, holders, wait_kind, wait_line
 from orchestrator.console import ProgressPrinter, plan_table
 from orchestrator.corrections import Corrections, cache_dir
 from orchestrator.inputs import EXIT_USAGE, InputError, InputSet, scan_inputs
+from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.outlock import OutputLock, OutputLocked
-from orchestrator.planner import Constraints, NoPlanFits, PlanChoice, base_plan, choose_plan
-from orchestrator.probe import GpuInfo, NvmlProbe, Probe, ProbeError, select_gpu
+from orchestrator.planner import (
+    Constraints,
+    NoPlanFits,
+    PlanChoice,
+    base_plan,
+    candidates,
+    choose_plan,
+    evaluate,
+    same_quality,
+)
+from orchestrator.probe import GpuInfo, Probe, ProbeError, default_probe, select_gpu
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
 from orchestrator.sizes import gib, parse_size
@@ -65,7 +76,9 @@ class RunOptions:
     thg_interval: int | None = None
     weights: Path | None = None
     max_retries: int = 3
-    wait_for_vram_s: float = 0.0
+    wait_for_vram_s: float = 0.0  # how long to wait for memory that processes outside the ledger hold
+    wait_for_siblings_s: float = SIBLING_WAIT_S  # ... and for memory our own jobs (ledger entries) hold
+    job_id: str | None = None  # this job in the GPU ledger (default: the output folder's path)
     prefer: str = "quality"
     device: str = "cuda"  # cuda | cpu (cpu: tiny models only, for tests and smoke runs)
     tiny: bool = False
@@ -95,6 +108,8 @@ class JobPlan:
     choice: PlanChoice
     corrections: Corrections
     table: BudgetTable
+    ledger: Ledger | None = None  # the host-wide GPU ledger (None on a CPU run)
+    waits: tuple[Wait, ...] = ()  # waits before planning (for memory our jobs or others held)
 
 
 @dataclass
@@ -112,6 +127,7 @@ class RunReport:
     pipeline_result: PipelineResult | None = None
     deliverables: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    waits: list[Wait] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         r = self.pipeline_result
@@ -138,6 +154,7 @@ class RunReport:
             "attempts": [a.to_dict() for a in r.attempts] if r else [],
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
+            "waits": [w.__dict__ for w in self.waits + (r.waits if r else [])],
             "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables,
         }  # fmt: skip
 
@@ -148,17 +165,23 @@ def default_out_dir(input_dir: Path) -> Path:
     return p.parent / f"{p.name}_up2you"
 
 
-def resolve_budget(vram: str, gpu: GpuInfo | None) -> Budget:
-    """The memory every stage may use: the user's cap, but never more than is free now (less a reserve)."""
+def resolve_budget(vram: str, gpu: GpuInfo | None, available: int | None = None) -> Budget:
+    """The memory every stage may use: the user's cap, but never more than is free now (less a reserve).
+
+    `available`: free and unreserved (the ledger's `available`: NVML free minus what other jobs have
+    reserved but not allocated yet); NVML free when not given.
+    """
     cap = None if vram == "auto" else parse_size(vram)
     if gpu is None:  # CPU run: the cap is only what plans against (tiny models)
         avail = psutil.virtual_memory().available
         return Budget(cap or avail, f"--vram {vram}" if cap else f"auto: host memory available {gib(avail)}", None)
-    usable = max(0, gpu.free - AUTO_RESERVE)
+    free = gpu.free if available is None else available
+    what = "free" if available is None else "free and unreserved"
+    usable = max(0, free - AUTO_RESERVE)
     if cap is None:
-        return Budget(usable, f"auto: {gib(gpu.free)} free on GPU {gpu.index} minus {gib(AUTO_RESERVE)} reserve", gpu)
+        return Budget(usable, f"auto: {gib(free)} {what} on GPU {gpu.index} minus {gib(AUTO_RESERVE)} reserve", gpu)
     if cap > usable:
-        return Budget(usable, f"--vram {vram}, but only {gib(gpu.free)} free on GPU {gpu.index}: using {gib(usable)}",
+        return Budget(usable, f"--vram {vram}, but only {gib(free)} {what} on GPU {gpu.index}: using {gib(usable)}",
                       gpu)  # fmt: skip
     return Budget(cap, f"--vram {vram}", gpu)
 
@@ -166,6 +189,7 @@ def resolve_budget(vram: str, gpu: GpuInfo | None) -> Budget:
 def plan_job(
     input_dir: Path | str, options: RunOptions = RunOptions(), probe: Probe | None = None,
     pipeline: Pipeline = UP2YOU, table: BudgetTable | None = None,
+    on_event: Callable[[str, Any], None] | None = None,
 ) -> JobPlan:  # fmt: skip
     """Everything up to the plan: validate inputs, pick the GPU, resolve the budget, choose the plan."""
     try:
@@ -173,8 +197,12 @@ def plan_job(
     except InputError as exc:
         raise JobError(str(exc), exc.exit_code) from None
     table = table or load_table(options.table, pipeline.name)
-    gpu = _pick_gpu(options, probe)
-    budget = _wait_for_budget(options, probe, gpu) if gpu else resolve_budget(options.vram, None)
+    probe = probe or default_probe(options.device)
+    try:
+        ledger = Ledger(probe=probe) if probe is not None else None
+        gpu = _pick_gpu(options, probe, ledger)
+    except LedgerError as exc:
+        raise JobError(str(exc), EXIT_DISK_FULL) from None
     smoke = options.tiny
     constraints = Constraints(options.views or (6 if smoke else None), options.resolution or (256 if smoke else None),
                               options.steps or (4 if smoke else None), options.thg_interval, options.prefer)
@@ -183,13 +211,22 @@ def plan_job(
                      weights_dir="" if options.full_random else str(_weights_dir(options)),
                      **(SMOKE_GEOMETRY if smoke else {})).replace(**dict(options.overrides))  # fmt: skip
     corrections = Corrections(gpu.name if gpu else "cpu", f"{table.name}@v{table.version}")
+    waits: tuple[Wait, ...] = ()
+    if gpu is None or ledger is None:
+        budget, ledger = resolve_budget(options.vram, None), None
+    else:
+        try:
+            want = _wanted_budget(options, pipeline, table, len(inputs.photos), base, constraints, corrections)
+            budget, gpu, waits = _wait_for_budget(options, probe, gpu, ledger, want, on_event)
+        except LedgerError as exc:
+            raise JobError(str(exc), EXIT_DISK_FULL) from None
     try:
         choice = choose_plan(pipeline, table, len(inputs.photos), budget.bytes, base, constraints,
                              corrections.factors())  # fmt: skip
     except NoPlanFits as exc:
         prefix = f"--vram {options.vram}: " if options.vram != "auto" else "the free GPU memory: "
         raise JobError(prefix + str(exc), EXIT_USAGE) from None
-    return JobPlan(inputs, budget, constraints, base, choice, corrections, table)
+    return JobPlan(inputs, budget, constraints, base, choice, corrections, table, ledger, waits)
 
 
 def run_job(
@@ -200,7 +237,9 @@ def run_job(
     """Plan and (unless options.plan_only) run one job; see the module docstring for what raises."""
     t0 = time.monotonic()
     console = console or Console(stderr=True, quiet=options.quiet)
-    jp = plan_job(input_dir, options, probe, pipeline, table)
+    printer = ProgressPrinter(console, options.quiet)
+    probe = probe or default_probe(options.device)
+    jp = plan_job(input_dir, options, probe, pipeline, table, on_event=printer)
     inputs, budget, choice = jp.inputs, jp.budget, jp.choice
     out = Path(out_dir) if out_dir else default_out_dir(Path(input_dir))
     job = JobDir(out / "job")
@@ -212,7 +251,7 @@ def run_job(
     for d in choice.degradations:
         console.print(f"[yellow]  {d}[/yellow]")
     report = RunReport(True, 0, "plan only: nothing ran", out, job.root, choice, budget, len(inputs.photos),
-                       [str(p) for p in inputs.ignored], options.tiny)  # fmt: skip
+                       [str(p) for p in inputs.ignored], options.tiny, waits=list(jp.waits))  # fmt: skip
     if options.plan_only:
         return report
     _preflight(pipeline, choice, options, out)
@@ -238,9 +277,13 @@ def _run_locked(
     job.root.mkdir(parents=True, exist_ok=True)
     job.write_inputs(inputs.record())
     ctx = RunContext(job, pipeline, jp.table, len(inputs.photos), inputs.key, jp.constraints, jp.base, budget.bytes,
-                     jp.corrections, probe=_probe_for(options, probe), gpu=budget.gpu,
+                     jp.corrections, probe=probe, gpu=budget.gpu,
                      max_retries=options.max_retries, wait_for_vram_s=options.wait_for_vram_s,
-                     weights_dir=choice.plan.weights_dir, on_event=ProgressPrinter(console, options.quiet))
+                     weights_dir=choice.plan.weights_dir, on_event=ProgressPrinter(console, options.quiet),
+                     ledger=jp.ledger,
+                     job_id=options.job_id or str(out.resolve()),
+                     vram_cap=None if options.vram == "auto" else parse_size(options.vram),
+                     wait_for_siblings_s=options.wait_for_siblings_s)  # fmt: skip
     with _sigterm_as_interrupt():
         result = run_pipeline(ctx, choice)
     report.pipeline_result = result
@@ -254,35 +297,64 @@ def _run_locked(
     return report
 
 
-def _pick_gpu(options: RunOptions, probe: Probe | None) -> GpuInfo | None:
-    """The GPU to plan for: none on a CPU run without a probe; NVML's otherwise."""
-    if options.device == "cpu" and probe is None:
+def _pick_gpu(options: RunOptions, probe: Probe | None, ledger: Ledger | None) -> GpuInfo | None:
+    """The GPU to plan for: none on a CPU run without a probe; else --gpu, or (auto) the most free and unreserved."""
+    if probe is None:
         return None
     try:
-        return select_gpu((probe or NvmlProbe()).gpus(), options.gpu)
+        gpus = probe.gpus()
+        if options.gpu == "auto" and ledger is not None and gpus:
+            return max(gpus, key=lambda g: ledger.available(g))
+        return select_gpu(gpus, options.gpu)
     except ProbeError as exc:
         raise JobError(str(exc), EXIT_NO_DEVICE) from None
 
 
-def _probe_for(options: RunOptions, probe: Probe | None) -> Probe | None:
-    if probe is not None or options.device == "cpu":
-        return probe
-    return NvmlProbe()
+def _wanted_budget(
+    options: RunOptions, pipeline: Pipeline, table: BudgetTable, n_refs: int, base: Plan, constraints: Constraints,
+    corrections: Corrections,
+) -> int:  # fmt: skip
+    """The budget worth waiting for before planning: the --vram cap, or (auto) the least that lets the best
+    quality level (views, pixels) fit on some memory rung."""
+    if options.vram != "auto":
+        return parse_size(options.vram)
+    best = candidates(base, constraints)[0]
+    return min(max(f.need_bytes for f in evaluate(c.plan, pipeline, table, n_refs, 0, corrections.factors()))
+               for c in same_quality(best.plan, base, constraints))  # fmt: skip
 
 
-def _wait_for_budget(options: RunOptions, probe: Probe | None, gpu: GpuInfo) -> Budget:
-    """With --wait-for-vram and a fixed --vram: wait (with backoff) until that much is free, then budget."""
-    budget = resolve_budget(options.vram, gpu)
-    if options.vram == "auto" or options.wait_for_vram_s <= 0:
-        return budget
-    want = parse_size(options.vram)
-    deadline, delay = time.monotonic() + options.wait_for_vram_s, 0.5
-    while budget.bytes < want and time.monotonic() < deadline:
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 30.0)
-        gpu = select_gpu((probe or NvmlProbe()).gpus(), str(gpu.index))
-        budget = resolve_budget(options.vram, gpu)
-    return budget
+def _wait_for_budget(
+    options: RunOptions, probe: Probe | None, gpu: GpuInfo, ledger: Ledger, want: int,
+    on_event: Callable[[str, Any], None] | None,
+) -> tuple[Budget, GpuInfo, tuple[Wait, ...]]:  # fmt: skip
+    """Budget from what is free and unreserved; if that is below `want`, wait with backoff first: for our own
+    jobs (ledger entries) up to --wait-for-siblings, for other processes up to --wait-for-vram. (--plan never waits.)"""
+    view = ledger.view(gpu)
+    budget = resolve_budget(options.vram, gpu, view.available())
+    waited = {"siblings": 0.0, "foreign": 0.0}
+    record: Wait | None = None
+    delay = 0.5
+    while budget.bytes < want and not options.plan_only and probe is not None:
+        kind = wait_kind(view, "", want, AUTO_RESERVE)
+        limit = options.wait_for_siblings_s if kind == "siblings" else options.wait_for_vram_s
+        if waited[kind] >= limit:
+            break
+        if record is None:
+            line = wait_line(view, "", "planning", want, kind, limit)
+            record = Wait("plan", 0.0, kind, want, view.available(), holders(view, ""), message=line)
+            if on_event is not None:
+                on_event("wait", line)
+        pause = min(delay, max(0.05, limit - waited[kind]))
+        time.sleep(pause)
+        waited[kind] += pause
+        record.seconds = round(sum(waited.values()), 3)
+        delay = min(delay * 1.5, 5.0)
+        gpu = select_gpu(probe.gpus(), str(gpu.index))
+        view = ledger.view(gpu)
+        budget = resolve_budget(options.vram, gpu, view.available())
+    if record is not None:
+        record.outcome = "admitted" if budget.bytes >= want else "limit reached"
+    return budget, gpu, (record,) if record else ()
 
 
 def _weights_dir(options: RunOptions) -> Path:

@@ -187,3 +187,18 @@ def _degradations(
         if a != b:
             out.append(f"{knob} {a} -> {b} (memory only, slower)")
     return tuple(out)
+
+
+def same_quality(plan: Plan, base: Plan, constraints: Constraints) -> list[Candidate]:
+    """The memory-only alternatives to `plan` (same views and resolution), in ladder order: fastest first.
+    Switching between them changes no stage's key, so nothing already computed is invalidated."""
+    return [c for c in candidates(base, constraints) if (c.plan.views, c.plan.resolution) == (plan.views, plan.resolution)]
+
+
+def choice_of(
+    cand: Candidate, pipeline: Pipeline, table: BudgetTable, n_refs: int, budget_bytes: int,
+    factors: Mapping[str, float] | None = None, degradations: tuple[str, ...] = (),
+) -> PlanChoice:  # fmt: skip
+    """`cand` as a PlanChoice against `budget_bytes` (its fits say which stages fit that budget)."""
+    return PlanChoice(cand.plan, cand, budget_bytes, evaluate(cand.plan, pipeline, table, n_refs, budget_bytes, factors),
+                      degradations)  # fmt: skip

@@ -17,9 +17,11 @@ GiB = 2**30
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Learned corrections and tiny weights go to a per-test folder, never to ~/.cache."""
+    """Learned corrections and tiny weights go to a per-test folder, never to ~/.cache; so does the GPU ledger."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("UP2YOU_CACHE_DIR", str(cache))
+    monkeypatch.setenv("UP2YOU_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.delenv("UP2YOU_SIMULATED_GPUS", raising=False)
     monkeypatch.delenv("UP2YOU_FAULTS", raising=False)
     monkeypatch.delenv("FAKE_RUN_S", raising=False)
     return cache

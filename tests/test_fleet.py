@@ -21,8 +21,8 @@ from orchestrator.fleet.ray_worker import nvml_index, raylets
 from orchestrator.fleet.subjects import detect_subjects
 from orchestrator.inputs import InputError
 from orchestrator.job import RunOptions
-from orchestrator.probe import SimulatedGpu, SimulatedProbe
-from orchestrator.testenv import SIMULATED_GPUS_ENV, TEST_PIPELINE_ENV
+from orchestrator.probe import SIMULATED_GPUS_ENV, SimulatedGpu, SimulatedProbe
+from orchestrator.testenv import TEST_PIPELINE_ENV
 from tests.conftest import write_photos
 
 GiB = 2**30
@@ -116,30 +116,21 @@ def test_placement_packs_a_big_gpu_spreads_and_obeys_jobs_per_gpu() -> None:
     assert choose_slot({1: GiB}, big_small, None).index == 1
 
 
-class _FakeLedger:
-    def __init__(self, free: int, entries: list) -> None:
-        self.free, self._entries = free, entries
+def test_capacity_counts_the_unreserved_part_of_running_plans_once(tmp_path: Path) -> None:
+    from orchestrator.ledger import Ledger
 
-    def available(self, gpu, exclude_job=None) -> int:
-        return self.free
-
-    def entries(self, gpu_uuid: str) -> list:
-        return self._entries
-
-
-class _Entry:
-    def __init__(self, pid: int, nbytes: int) -> None:
-        self.pid, self.nbytes = pid, nbytes
-
-
-def test_capacity_counts_the_unreserved_part_of_running_plans_once() -> None:
     probe = SimulatedProbe(SimulatedGpu(80 * GiB), SimulatedGpu(24 * GiB))
-    # our job (this process) planned a 30 GiB peak and holds a 10 GiB reservation for its current stage:
-    # the ledger already subtracted those 10 from what is available (50), the queue keeps 20 more for it
-    ledger = _FakeLedger(50 * GiB, [_Entry(os.getpid(), 10 * GiB)])
-    slots = Capacity(probe, ledger, gpus=[0]).slots([Claim(0, os.getpid(), 30 * GiB)])
+    ledger = Ledger(root=tmp_path / "runtime", probe=probe)
+    gpu = probe.gpus()[0]
+    # job A (this process) planned a 30 GiB peak and holds a 10 GiB reservation for its current stage: the
+    # ledger already counts those 10 as taken (70 available), the queue keeps the other 20 for A; job B
+    # (started, nothing reserved yet) keeps its whole 5 GiB
+    assert ledger.reserve(gpu, "/out/A", "rgb", os.getpid(), 10 * GiB) is not None
+    claims = [Claim(0, os.getpid(), "/out/A", 30 * GiB), Claim(0, 2**22 + 12345, "/out/B", 5 * GiB)]
+    slots = Capacity(probe, ledger, gpus=[0]).slots(claims)
     assert [s.index for s in slots] == [0]
-    assert slots[0].headroom == 30 * GiB and slots[0].ideal == 60 * GiB and slots[0].running == 1
+    assert slots[0].ideal == 80 * GiB  # as if neither ran: what a subject plans against
+    assert slots[0].headroom == 45 * GiB and slots[0].running == 2
 
 
 def test_fingerprint_changes_with_the_photos_and_the_options(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 A job reserves only its current stage's need in the ledger (orchestrator.ledger), while the queue must
 keep room for its whole plan. So for every job of ours it counts the part of its planned peak that the
 job has not reserved yet (`claim - reserved`), on top of what the ledger says is free and unreserved.
-Reservations are matched to a job by process: the job's pid or any of its descendants.
+Reservations are matched to a job by its ledger id (the job's output folder) or by process (the
+job's pid or any of its descendants).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from typing import Any, Protocol
 import psutil
 
 from orchestrator.fleet.placement import Slot
+from orchestrator.job import JobError
+from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.probe import GpuInfo, Probe
+from stages.spec import EXIT_DISK_FULL
 
 
 class LedgerView(Protocol):
@@ -24,21 +28,21 @@ class LedgerView(Protocol):
     def entries(self, gpu_uuid: str) -> list[Any]: ...
 
 
-def host_ledger() -> LedgerView | None:
-    """The host-wide ledger, where this build has it."""
+def host_ledger(probe: Probe) -> LedgerView:
+    """The host-wide ledger (JobError with the fix if its runtime folder cannot be used)."""
     try:
-        from orchestrator.ledger import Ledger
-    except ImportError:  # pragma: no cover - until the ledger lands
-        return None
-    return Ledger()
+        return Ledger(probe=probe)
+    except LedgerError as exc:
+        raise JobError(str(exc), EXIT_DISK_FULL) from None
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A running job of ours: where, which process, and its plan's peak need."""
+    """A running job of ours: where, which process, its ledger id (its output folder), its plan's peak need."""
 
     index: int | None
     pid: int
+    job_id: str
     need: int
 
 
@@ -84,12 +88,12 @@ class Capacity:
         entries = self.ledger.entries(gpu.uuid)
         for c in mine:
             tree = _tree(c.pid)
-            out[c.pid] = sum(int(e.nbytes) for e in entries if e.pid in tree)
+            out[c.pid] = sum(int(e.nbytes) for e in entries if e.job_id == c.job_id or e.pid in tree)
         return out
 
 
 class StaticProbe:
-    """A probe that always shows one GPU as given (the fleet plans a subject against a slot's `ideal`)."""
+    """A probe that always shows one GPU as given (for planning a subject against a chosen budget)."""
 
     def __init__(self, gpu: GpuInfo) -> None:
         self.gpu = gpu
@@ -102,5 +106,8 @@ class StaticProbe:
 
 
 def planning_probe(slot: Slot) -> StaticProbe | None:
-    """The probe to plan a subject for `slot` with: its GPU, showing `ideal` as free."""
-    return StaticProbe(replace(slot.gpu, free=slot.ideal)) if slot.gpu is not None else None
+    """A probe showing `slot`'s GPU with ample free memory, so that a plan made through it (and the ledger
+    it consults) is bounded by the --vram given to the planner alone: the fleet passes exact bytes there."""
+    if slot.gpu is None:
+        return None
+    return StaticProbe(replace(slot.gpu, free=slot.gpu.total + 2**40))

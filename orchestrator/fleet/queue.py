@@ -24,6 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
+from orchestrator.corrections import cache_dir
 from orchestrator.fleet import resume
 from orchestrator.fleet.capacity import Capacity, Claim, LedgerView, host_ledger, planning_probe
 from orchestrator.fleet.command import ROOT, job_command, job_env
@@ -34,10 +35,10 @@ from orchestrator.fleet.progress import FleetView
 from orchestrator.fleet.subjects import Subject
 from orchestrator.fleet.summary import SubjectRecord, plot_fleet_timeline, read_run, write_summary
 from orchestrator.inputs import EXIT_USAGE, InputError
-from orchestrator.corrections import cache_dir
 from orchestrator.job import JobError, RunOptions, ensure_tiny_weights, plan_job
-from orchestrator.probe import NvmlProbe, Probe, ProbeError
-from orchestrator.sizes import gib
+from orchestrator.probe import Probe, ProbeError, default_probe
+from orchestrator.runner import AUTO_RESERVE
+from orchestrator.sizes import gib, parse_size
 from orchestrator.testenv import job_doubles
 from stages.spec import EXIT_INTERRUPTED, EXIT_NO_DEVICE, EXIT_OOM
 
@@ -96,12 +97,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def fleet_probe(options: RunOptions, probe: Probe | None) -> Probe | None:
-    """The probe the fleet places with: given, simulated (tests), NVML; none on a CPU run."""
-    probe = probe or job_doubles().get("probe")
-    if probe is not None or options.device == "cpu":
+    """The probe the fleet places with: the one given, else the one every job uses (default_probe)."""
+    if probe is not None:
         return probe
     try:
-        return NvmlProbe()
+        return default_probe(options.device)
     except ProbeError as exc:
         raise JobError(str(exc), EXIT_NO_DEVICE) from None
 
@@ -121,9 +121,9 @@ class Fleet:
         self.console = console or Console(stderr=True)
         self.view = FleetView(self.console, live)
         self.t0 = time.monotonic()
-        self.doubles = {k: v for k, v in job_doubles().items() if k != "probe"}
+        self.doubles = job_doubles()
         self.probe = fleet_probe(options, probe) if fleet.backend == "local" else probe
-        self.ledger = ledger if ledger is not None else (host_ledger() if self.probe is not None else None)
+        self.ledger = ledger if ledger is not None or self.probe is None else host_ledger(self.probe)
         self.records = [SubjectRecord(s.name, self.out / s.name) for s in subjects]
         self.fingerprints: dict[str, dict[str, Any]] = {}
         self._plans: dict[tuple[str, int | None, int], tuple[int, str] | JobError] = {}
@@ -195,16 +195,22 @@ class Fleet:
 
     # ------------------------------------------------------------------------------------------
     def plan_need(self, rec: SubjectRecord, slot: Slot) -> tuple[int, str] | JobError:
-        """(peak need, plan label) of `rec` if it ran alone on `slot` as it is now; the JobError if no plan fits."""
-        key = (rec.subject, slot.index, slot.ideal >> 28)  # re-plan when what the GPU could give moves by 1/4 GiB
+        """(peak need, plan label) of `rec` if it ran alone on `slot` as it is now; the JobError if no plan fits.
+
+        The budget is what a job would get there (--vram, at most `ideal` less the reserve), handed to the
+        planner as exact bytes, so the plan does not depend on the moment's reservations a second time."""
+        cap = None if self.options.vram == "auto" else parse_size(self.options.vram)
+        budget = max(1, min(cap or slot.ideal, slot.ideal - AUTO_RESERVE))
+        key = (rec.subject, slot.index, budget >> 28)  # re-plan when the budget moves by 1/4 GiB
         if key not in self._plans:
-            opts = replace(self.options, gpu=str(slot.index) if slot.index is not None else "auto",
+            opts = replace(self.options, gpu=str(slot.index) if slot.index is not None else "auto", vram=str(budget),
                            wait_for_vram_s=0.0, plan_only=True, quiet=True)  # fmt: skip
             try:
                 jp = plan_job(self.subjects[rec.subject].folder, opts, planning_probe(slot), **self.doubles)
                 self._plans[key] = (jp.choice.peak_need.need_bytes, jp.choice.candidate.label)
             except JobError as exc:
-                self._plans[key] = exc
+                what = f"--vram {self.options.vram}" if cap else f"what {slot.label} can give ({gib(budget)})"
+                self._plans[key] = JobError(f"{what}: {str(exc).split(': ', 1)[-1]}", exc.exit_code)
         return self._plans[key]
 
     def _run_local(self, todo: list[SubjectRecord]) -> None:
@@ -274,7 +280,7 @@ class Fleet:
         job = LocalJob(cmd, job_env(), rec.out_dir / LOG_NAME, ROOT)
         rec.outcome, rec.gpu, rec.need_bytes, rec.plan_label = "running", slot.label, need, label
         rec.started_s, rec.ended_s, rec.exit_code, rec.message = self.now(), None, None, ""
-        return job, Claim(slot.index, job.pid, need), log
+        return job, Claim(slot.index, job.pid, str(rec.out_dir.resolve()), need), log
 
     def _fail_unplaceable(self, rec: SubjectRecord, slots: list[Slot]) -> None:
         """Nothing of ours runs and `rec` still fits nowhere: say why, as a single job would."""

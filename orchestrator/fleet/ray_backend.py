@@ -30,9 +30,8 @@ from orchestrator.fleet.ray_worker import VRAM_RESOURCE, nvml_index
 from orchestrator.fleet.summary import SubjectRecord
 from orchestrator.inputs import EXIT_USAGE
 from orchestrator.job import JobError, RunOptions
-from orchestrator.probe import GpuInfo, NvmlProbe, ProbeError
+from orchestrator.probe import GpuInfo, ProbeError, default_probe
 from orchestrator.runner import AUTO_RESERVE
-from orchestrator.testenv import job_doubles
 from stages.spec import EXIT_INTERRUPTED, EXIT_NO_DEVICE
 
 if TYPE_CHECKING:
@@ -49,7 +48,8 @@ def subject_task(folder: str, out: str, options: RunOptions) -> dict[str, Any]:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        gpus = (job_doubles().get("probe") or NvmlProbe()).gpus()
+        probe = default_probe(options.device)
+        gpus = probe.gpus() if probe is not None else []
     except ProbeError as exc:
         return {"exit_code": EXIT_NO_DEVICE, "host": socket.gethostname(), "gpu": None, "message": str(exc)}
     index = nvml_index(ray.get_gpu_ids(), gpus)
