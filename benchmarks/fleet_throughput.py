@@ -37,6 +37,7 @@ from orchestrator.fleet.queue import FleetOptions, parse_gpus, run_fleet  # noqa
 from orchestrator.fleet.subjects import detect_subjects  # noqa: E402
 from orchestrator.job import RunOptions  # noqa: E402
 from orchestrator.probe import NvmlProbe  # noqa: E402
+from stages.spec import EXIT_INTERRUPTED  # noqa: E402
 
 MODES = {"packed": None, "sequential": 1}  # --jobs-per-gpu
 con = Console(stderr=True, width=160)
@@ -57,6 +58,8 @@ def run_mode(mode: str, args: argparse.Namespace, options: RunOptions) -> dict[s
     t = time.monotonic()
     result = run_fleet(detect_subjects(root), work / "out", options, fleet, console=con, live=False)
     wall = time.monotonic() - t
+    if result.exit_code == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt
     ok = sum(r["outcome"] == "ok" for r in result.rows)
     timeline = work / "out" / "fleet_timeline.png"
     if timeline.exists():

@@ -281,3 +281,29 @@ def test_the_fleet_imports_neither_torch_nor_ray_and_only_ray_files_import_ray()
                  if "tests" not in p.parts and any(line.strip().startswith(("import ray", "from ray"))
                                                    for line in p.read_text().splitlines())]  # fmt: skip
     assert importers and all(p.startswith("orchestrator/fleet/ray") for p in importers), importers
+
+
+def test_job_log_follows_stages_and_waits_and_the_live_view_shows_them(tmp_path: Path) -> None:
+    from orchestrator.fleet.joblog import JobLog
+    from orchestrator.fleet.progress import FleetView
+    from orchestrator.fleet.summary import SubjectRecord
+
+    path = tmp_path / "fleet.log"
+    path.write_text("▶ old (from an earlier run)\n")
+    log = JobLog(path)
+    assert log.update() == "starting"  # what was there before the job started is not this run's
+    with open(path, "a") as f:
+        f.write("plan: ...\n▶ rgb (20 views, 768 px, predicted 7.1 GiB) ...\n… GPU 0 has 3.0 GiB free and unre")
+    assert log.update() == "rgb"
+    with open(path, "a") as f:
+        f.write("served, rgb needs 7.1 GiB; waiting for job bob (normal, 6.0 GiB)\n")
+    assert log.update() == "rgb (waiting for memory)"
+    buf = io.StringIO()
+    view = FleetView(Console(file=buf, force_terminal=True, color_system=None, width=150), live=True)
+    recs = [SubjectRecord("ann", tmp_path, "running", "GPU 1", plan_label="20 views", started_s=0.0,
+                          activity=log.activity), SubjectRecord("ben", tmp_path), SubjectRecord("cid", tmp_path, "ok")]
+    view.update(recs, 12.0)
+    view.close(recs, 13.0)
+    text = buf.getvalue()
+    assert "ann" in text and "GPU 1" in text and "rgb (waiting for memory)" in text and "13 s" in text
+    assert "1 finished (0 already done), 0 failed, 1 waiting, 1 running" in text

@@ -1,7 +1,7 @@
 """What a running job is doing, read from its own progress lines (its stderr, kept in OUT/NAME/fleet.log).
 
-The job prints `▶ STAGE (...)` when a stage starts and `… waiting for GPU memory` while it waits
-(orchestrator.console.ProgressPrinter); these two shapes are the only thing parsed here.
+The job prints `▶ STAGE (...)` when a stage starts and a line `… ... waiting ...` when it waits for GPU
+memory (orchestrator.console.ProgressPrinter); these two shapes are the only thing parsed here.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 _START = re.compile(r"^\s*▶ (\S+)")
-_WAIT = re.compile(r"^\s*… waiting")
+_WAIT = re.compile(r"^\s*… .*\bwaiting\b")
 
 
 class JobLog:

@@ -18,9 +18,11 @@ from orchestrator.sizes import gib
 
 
 def counters(records: Sequence[SubjectRecord]) -> str:
-    n = {k: sum(r.outcome == k for r in records) for k in ("ok", "skipped", "failed", "waiting", "running")}
+    n = {k: sum(r.outcome == k for r in records)
+         for k in ("ok", "skipped", "failed", "waiting", "running", "interrupted")}  # fmt: skip
     return (f"{n['ok'] + n['skipped']} finished ({n['skipped']} already done), {n['failed']} failed, "
-            f"{n['waiting']} waiting, {n['running']} running")  # fmt: skip
+            f"{n['waiting']} waiting, {n['running']} running"
+            + (f", {n['interrupted']} interrupted" if n["interrupted"] else ""))  # fmt: skip
 
 
 class FleetView:
@@ -88,4 +90,5 @@ class FleetView:
 
 def _elapsed(r: SubjectRecord, now_s: float) -> str:
     end = r.ended_s if r.ended_s is not None else now_s
-    return f"{end - (r.started_s or end):.0f} s"
+    start = r.started_s if r.started_s is not None else end
+    return f"{end - start:.0f} s"
