@@ -307,3 +307,14 @@ def test_job_log_follows_stages_and_waits_and_the_live_view_shows_them(tmp_path:
     text = buf.getvalue()
     assert "ann" in text and "GPU 1" in text and "rgb (waiting for memory)" in text and "13 s" in text
     assert "1 finished (0 already done), 0 failed, 1 waiting, 1 running" in text
+
+
+def test_a_subject_that_fits_no_gpu_fails_with_the_planner_reason(tmp_path: Path, fleet_env) -> None:
+    fleet_env.write_text(json.dumps({"gpus": [{"total": GiB, "name": "Tiny A"}, {"total": GiB, "name": "Tiny B"}]}))
+    root = _subjects(tmp_path / "subjects", ["ann"])
+    result = run_fleet(detect_subjects(root), tmp_path / "out", OPTS, FleetOptions(poll_s=0.05),
+                       console=Console(file=io.StringIO()), live=False)  # fmt: skip
+    (row,) = result.rows
+    assert result.exit_code == 1 and row["outcome"] == "failed" and row["exit_code"] == 2
+    assert row["message"].startswith("--vram 8GB: ") and "below the minimum of any plan" in row["message"]
+    assert not (tmp_path / "out" / "ann" / "run.json").exists()  # no job was started

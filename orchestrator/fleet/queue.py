@@ -7,8 +7,9 @@ Inside each job, the runner reserves and releases per stage in the host ledger a
 
 Order: subjects are taken in name order; one that fits nowhere now is passed over for the next (the
 queue is finite, so it only waits until enough of ours finish). When nothing of ours runs and a
-subject still fits nowhere, it waits up to --wait-for-vram for foreign memory, then fails with the
-reason. One subject's failure never stops the rest.
+subject still fits nowhere, it waits as a job would: while other up2you jobs hold reservations on the
+GPUs, up to an hour (RunOptions.wait_for_siblings_s); for other processes, up to --wait-for-vram;
+then it fails with the reason. One subject's failure never stops the rest.
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ class Fleet:
                     slots = [take(s, need) if s is slot else s for s in slots]
                 if waiting and not running:
                     idle_since = self.now() if idle_since is None else idle_since
-                    if self.now() - idle_since >= self.options.wait_for_vram_s:
+                    if self.now() - idle_since >= self._idle_limit(slots):
                         for rec in waiting:
                             self._fail_unplaceable(rec, slots)
                         waiting.clear()
@@ -259,6 +260,13 @@ class Fleet:
                 log.update()
                 resume.finish(self._record(name), code, self.fingerprints[name], self.now(), log.last_line)
             raise
+
+    def _idle_limit(self, slots: list[Slot]) -> float:
+        """How long to wait, with nothing of ours running, for a subject that fits nowhere: as a job does,
+        long for other up2you jobs' reservations (they finish), --wait-for-vram for anything else."""
+        if self.ledger is not None and any(self.ledger.entries(s.gpu.uuid) for s in slots if s.gpu is not None):
+            return self.options.wait_for_siblings_s
+        return self.options.wait_for_vram_s
 
     def _record(self, name: str) -> SubjectRecord:
         return next(r for r in self.records if r.subject == name)

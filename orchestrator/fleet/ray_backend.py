@@ -87,7 +87,8 @@ def run_on_ray(fleet: Fleet, todo: list[SubjectRecord]) -> None:
         raise JobError(f"--backend ray: no live node of the cluster offers the {VRAM_RESOURCE!r} resource; start "
                        "workers with up2you-budget ray-worker (one raylet per GPU)", EXIT_USAGE)  # fmt: skip
     size = int(largest * GiB)
-    gpu = GpuInfo(0, f"a Ray worker's GPU ({largest:g} {VRAM_RESOURCE})", "", size, size, 0)
+    # a made-up GPU to plan against (its own name in the driver's ledger folder, where nothing reserves)
+    gpu = GpuInfo(0, f"a Ray worker's GPU ({largest:g} {VRAM_RESOURCE})", "ray-planning", size, size, 0)
     slot = Slot(0, gpu.name, size, size, size, 0, gpu)
     fraction = 1.0 / (fleet.fleet.jobs_per_gpu or AUTO_JOBS_PER_GPU)
     remote = ray.remote(subject_task)
