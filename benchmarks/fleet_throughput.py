@@ -2,7 +2,8 @@
 
     . benchmarks/gpu_env.sh && wait_nvdiffrast
     OUT=/some/dir python benchmarks/fleet_throughput.py [--gpus 0|0,1] [--vram 12GB] [--modes packed,sequential]
-    python benchmarks/fleet_throughput.py --tiny --device cpu --subjects 3 --sequential-subjects 1   # CPU check
+    python benchmarks/fleet_throughput.py --tiny --device cpu --subjects 2 --sequential-subjects 1   # CPU check
+    (split across two commands: --modes packed --out A, then --modes sequential --add A/fleet_throughput.json)
 
 Each mode is a fresh fleet (`orchestrator.fleet.queue.run_fleet`, the local backend: one job process per
 subject through the same CLI) over synthetic RGBA photos, with full-size architectures and random weights,
@@ -100,6 +101,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny random weights (a check of the script)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/out")))
+    ap.add_argument("--add", type=Path, default=None,
+                    help="an earlier fleet_throughput.json whose modes join this one (split runs across commands)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/up2you-fleet-bench"),
                     help="subjects and job folders (GBs at 20 views: keep them out of $OUT)")
     args = ap.parse_args()
@@ -113,6 +116,10 @@ def main() -> int:
     options = RunOptions(vram=args.vram, steps=None if args.tiny else args.steps, thg_interval=3, max_retries=2,
                          device=args.device, tiny=args.tiny, full_random=not args.tiny, overrides=overrides)  # fmt: skip
     result: dict[str, Any] = {"meta": provenance(args), "modes": {}}
+    if args.add:
+        earlier = json.loads(args.add.read_text())
+        result["modes"].update(earlier["modes"])
+        result["meta"]["earlier"] = earlier["meta"]
     for mode in modes:
         con.print(f"[bold]{mode}[/bold]")
         result["modes"][mode] = run_mode(mode, args, options)
