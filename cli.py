@@ -175,6 +175,11 @@ def _fleet_options(gpus: str, jobs_per_gpu: str, backend: str, address: str | No
         raise typer.BadParameter(str(exc), param_hint="--gpus") from None
     if backend not in BACKENDS:
         raise typer.BadParameter(f"{backend!r}: expected {' or '.join(BACKENDS)}", param_hint="--backend")
+    if backend == "ray" and selected is not None:
+        raise typer.BadParameter("with --backend ray the workers offer their GPUs (up2you-budget ray-worker --gpus)",
+                                 param_hint="--gpus")  # fmt: skip
+    if backend != "ray" and address is not None:
+        raise typer.BadParameter("--address is the Ray cluster's: use it with --backend ray", param_hint="--address")
     return FleetOptions(gpus=selected, jobs_per_gpu=_auto_int(None)(jobs_per_gpu), backend=backend, address=address)
 
 

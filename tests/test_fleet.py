@@ -87,6 +87,10 @@ def test_cli_rejects_a_mixed_folder_and_fleet_options_on_one_person(capsys, tmp_
     people = _subjects(tmp_path / "people2", ["alice"])
     assert cli.main([str(people), "--device", "cpu", "--gpus", "0,7"]) == 2
     assert "no GPU 7; present: 0, 1" in capsys.readouterr().err
+    assert cli.main([str(people), "--device", "cpu", "--backend", "ray", "--gpus", "0"]) == 2
+    assert "ray-worker --gpus" in capsys.readouterr().err
+    assert cli.main([str(people), "--device", "cpu", "--gpu", "1"]) == 2
+    assert "not --gpu" in capsys.readouterr().err
 
 
 # --- placement ------------------------------------------------------------------------------------
@@ -214,6 +218,7 @@ def test_nvml_index_of_a_ray_gpu_id() -> None:
 def test_ray_backend_runs_subjects_on_a_local_cluster(tmp_path: Path, fleet_env, monkeypatch) -> None:
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no report to Ray's servers: loopback only
     root = _subjects(tmp_path / "subjects", ["ann", "ben"])
     ray.init(num_cpus=2, num_gpus=2, resources={"vram_gib": 47.0}, include_dashboard=False,
              _node_ip_address="127.0.0.1", object_store_memory=80 * 2**20, log_to_driver=False)  # fmt: skip
@@ -318,3 +323,21 @@ def test_a_subject_that_fits_no_gpu_fails_with_the_planner_reason(tmp_path: Path
     assert result.exit_code == 1 and row["outcome"] == "failed" and row["exit_code"] == 2
     assert row["message"].startswith("--vram 8GB: ") and "below the minimum of any plan" in row["message"]
     assert not (tmp_path / "out" / "ann" / "run.json").exists()  # no job was started
+
+
+def test_job_command_round_trips_through_the_cli_with_absolute_paths(capsys, tmp_path: Path, monkeypatch) -> None:
+    from orchestrator.fleet.command import job_command
+
+    monkeypatch.chdir(tmp_path)
+    write_photos(tmp_path / "people" / "ann")
+    opts = RunOptions(vram="12GB", device="cpu", tiny=True, views=6, steps=3, thg_interval=2, max_retries=1,
+                      wait_for_vram_s=90, overrides=(("mesh_iters", 5),))  # fmt: skip
+    cmd = job_command(Path("people/ann"), Path("out/ann"), None, opts)
+    assert cmd[1:4] == ["-m", "stages.lifeline", "cli"]
+    assert cmd[4] == str(tmp_path / "people" / "ann") and cmd[cmd.index("--out") + 1] == str(tmp_path / "out" / "ann")
+    assert "--gpu" not in cmd and "--gpu" in job_command(Path("a"), Path("b"), 1, opts)
+    assert cli.main([*cmd[4:], "--plan", "--json"]) == 0  # every option the fleet passes is the CLI's
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert (plan["views"], plan["steps"], plan["thg_interval"], plan["mesh_iters"]) == (6, 3, 2, 5)
+    real = job_command(Path("a"), Path("b"), 0, RunOptions())
+    assert real[real.index("--weights") + 1] == str(tmp_path / "weights")  # the default, made absolute

@@ -17,10 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]  # where cli.py lies (the source tree
 def job_args(options: RunOptions) -> list[str]:
     """The options every subject's job shares (not --gpu nor --out), as CLI arguments."""
     o = options
+    # the job may run elsewhere (another cwd, a Ray worker): paths go absolute, the default weights folder too
+    weights = o.weights or (None if o.tiny or o.full_random else Path("weights"))
     args = ["--vram", o.vram, "--max-retries", str(o.max_retries), "--wait-for-vram", f"{o.wait_for_vram_s:g}",
             "--prefer", o.prefer, "--device", o.device]  # fmt: skip
     for flag, value in (("--views", o.views), ("--resolution", o.resolution), ("--steps", o.steps),
-                        ("--thg-interval", o.thg_interval), ("--weights", o.weights)):
+                        ("--thg-interval", o.thg_interval), ("--weights", weights and weights.resolve())):
         if value is not None:
             args += [flag, str(value)]
     if o.tiny:
@@ -35,7 +37,7 @@ def job_args(options: RunOptions) -> list[str]:
 def job_command(folder: Path, out: Path, gpu_index: int | None, options: RunOptions) -> list[str]:
     """`python -m cli FOLDER --gpu INDEX --out OUT ...` under the lifeline (it dies with its starter)."""
     gpu = ["--gpu", str(gpu_index)] if gpu_index is not None else []
-    return lifeline.command("cli", str(folder), *gpu, "--out", str(out), *job_args(options))
+    return lifeline.command("cli", str(folder.resolve()), *gpu, "--out", str(out.resolve()), *job_args(options))
 
 
 def job_env() -> dict[str, str]:

@@ -22,13 +22,13 @@ class LocalJob:
     """One job process (`cmd` from command.job_command: under the lifeline); stdout and stderr go to
     `log_path`, the progress lines the fleet follows."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> None:
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
             log.write(f"--- {' '.join(cmd)}\n")
             log.flush()
             self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, env=lifeline.env(env), cwd=cwd,
+                                          stderr=subprocess.STDOUT, env=lifeline.env(env),
                                           start_new_session=True)  # fmt: skip
 
     @property

@@ -28,7 +28,7 @@ from rich.console import Console
 from orchestrator.corrections import cache_dir
 from orchestrator.fleet import resume
 from orchestrator.fleet.capacity import Capacity, Claim, LedgerView, host_ledger, planning_probe
-from orchestrator.fleet.command import ROOT, job_command, job_env
+from orchestrator.fleet.command import job_command, job_env
 from orchestrator.fleet.joblog import JobLog
 from orchestrator.fleet.local import LocalJob
 from orchestrator.fleet.placement import Slot, auto_host_limit, choose_slot, take
@@ -285,7 +285,7 @@ class Fleet:
         resume.mark_started(rec.out_dir)
         cmd = job_command(self.subjects[rec.subject].folder, rec.out_dir, slot.index, self.options)
         log = JobLog(rec.out_dir / LOG_NAME)  # from the log's end: an earlier run's lines are not this one's
-        job = LocalJob(cmd, job_env(), rec.out_dir / LOG_NAME, ROOT)
+        job = LocalJob(cmd, job_env(), rec.out_dir / LOG_NAME)
         rec.outcome, rec.gpu, rec.need_bytes, rec.plan_label = "running", slot.label, need, label
         rec.started_s, rec.ended_s, rec.exit_code, rec.message = self.now(), None, None, ""
         return job, Claim(slot.index, job.pid, str(rec.out_dir.resolve()), need), log

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from orchestrator.fleet import resume
-from orchestrator.fleet.command import ROOT, job_command, job_env
+from orchestrator.fleet.command import job_command, job_env
 from orchestrator.fleet.joblog import JobLog
 from orchestrator.fleet.local import LocalJob
 from orchestrator.fleet.placement import Slot
@@ -55,7 +55,7 @@ def subject_task(folder: str, out: str, options: RunOptions) -> dict[str, Any]:
     index = nvml_index(ray.get_gpu_ids(), gpus)
     where = {"host": socket.gethostname(), "gpu": index, "started": time.time()}
     (out_dir / TASK_FILE).write_text(json.dumps(where))
-    job = LocalJob(job_command(Path(folder), out_dir, index, options), job_env(), out_dir / LOG_NAME, ROOT)
+    job = LocalJob(job_command(Path(folder), out_dir, index, options), job_env(), out_dir / LOG_NAME)
     try:
         code = job.popen.wait()
     except KeyboardInterrupt:  # ray.cancel: stop the job's stage cleanly, let it write run.json
