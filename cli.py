@@ -5,6 +5,8 @@
     up2you-budget plan --vram 8GB photos/        the same as --plan
     up2you-budget gpus                           what NVML sees: GPUs, free memory, processes
     up2you-budget calibrate --gpu 0 [--quick]    measure this GPU, write the next budget table
+    up2you-budget --vram 12GB subjects/          one folder per person: a queue over every GPU
+    up2you-budget ray-worker --address HEAD:6379 join a Ray cluster, one raylet per GPU
 
 The main command has a positional folder, which does not mix with click subcommands, so `main`
 dispatches on argv[1] itself: a word in SUBCOMMANDS selects that command, anything else is a run.
@@ -25,11 +27,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from orchestrator.console import gpu_table, ledger_table, plan_table
-from orchestrator.inputs import EXIT_USAGE
+from orchestrator.fleet.queue import BACKENDS, FleetOptions, parse_gpus, run_fleet
+from orchestrator.fleet.subjects import Subject, detect_subjects
+from orchestrator.inputs import EXIT_USAGE, InputError
 from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, input_notes, plan_job, run_job
 from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.probe import ProbeError, default_probe
 from orchestrator.sizes import gib, parse_duration, parse_size
+from orchestrator.testenv import job_doubles
 from stages.jobfs import shown
 from stages.plan import RESOLUTION_CHOICES, VIEW_CHOICES
 from stages.spec import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_NO_DEVICE, UP2YOU
@@ -95,8 +100,16 @@ def run_command(
     device: str = typer.Option("cuda", help="cuda, or cpu (tiny test models only)."),
     tiny: bool = typer.Option(False, help="Smoke test: tiny random weights (the output is noise)."),
     plan: bool = typer.Option(False, "--plan", help="Print the plan and exit; run nothing."),
+    gpus: str = typer.Option("all", help="Folder of subjects: the GPUs to spread them over, all or 0,1."),
+    jobs_per_gpu: str = typer.Option("auto", help="Folder of subjects: jobs side by side on one GPU, auto (as many "
+                                     "as fit, at most half the CPU cores on the host) or N."),
+    backend: str = typer.Option("local", help="Folder of subjects: local (this host's GPUs) or ray (a Ray cluster)."),
+    address: str | None = typer.Option(None, help="--backend ray: the cluster's address (default: a running one)."),
+    full_random: bool = typer.Option(False, "--full-random", hidden=True,
+                                     help="Benchmarks: full-size architectures with random weights, no files."),
+    set_fields: list[str] = typer.Option([], "--set", hidden=True, help="Benchmarks: fix a Plan field, KEY=VALUE."),
 ) -> None:  # fmt: skip
-    """Run UP2You on INPUT_DIR within a GPU memory budget."""
+    """Run UP2You on INPUT_DIR (photos of one person, or one folder of photos per person) within a GPU memory budget."""
     if prefer not in ("quality", "speed"):
         raise typer.BadParameter(f"{prefer!r}: expected quality or speed", param_hint="--prefer")
     if device not in ("cuda", "cpu"):
@@ -107,11 +120,27 @@ def run_command(
         steps=_steps(steps), thg_interval=_auto_int(None, "--thg-interval")(thg_interval), weights=weights, max_retries=max_retries,
         wait_for_vram_s=float(wait_for_vram), wait_for_siblings_s=float(wait_for_siblings), prefer=prefer, device=device,
         tiny=tiny, plan_only=plan, quiet=json_out,
+        full_random=full_random, overrides=_overrides(set_fields),
     )  # fmt: skip
+    fleet = _fleet_options(gpus, jobs_per_gpu, backend, address)
+    subjects = _subjects(input_dir, out)
+    if subjects is not None:
+        if plan:
+            for s in subjects:
+                err.print(f"[bold]{s.name}[/bold]")
+                _print_plan(s.folder, options, json_out)
+            return
+        if gpu != "auto":
+            raise typer.BadParameter("a folder of subjects is spread over --gpus (all or 0,1), not --gpu",
+                                     param_hint="--gpu")  # fmt: skip
+        raise typer.Exit(_run_fleet(subjects, out or default_out_dir(input_dir), options, fleet, json_out))
+    if fleet != FleetOptions():
+        raise typer.BadParameter(f"{input_dir} holds photos of one person: --gpus, --jobs-per-gpu, --backend and "
+                                 "--address are for a folder of subject folders (use --gpu INDEX)")  # fmt: skip
     if plan:
         _print_plan(input_dir, options, json_out)
         return
-    report = run_job(input_dir, out, options)
+    report = run_job(input_dir, out, options, **job_doubles())
     if json_out:
         print(json.dumps(report.to_dict(), indent=1, default=str))
     elif report.ok:
@@ -127,7 +156,7 @@ def run_command(
 
 
 def _print_plan(input_dir: Path, options: RunOptions, json_out: bool) -> None:
-    jp = plan_job(input_dir, options)
+    jp = plan_job(input_dir, options, **job_doubles())
     if json_out:
         print(json.dumps({"plan": jp.choice.plan.to_dict(), "label": jp.choice.candidate.label,
                           "budget_bytes": jp.budget.bytes, "budget_source": jp.budget.source,
@@ -144,6 +173,46 @@ def _print_plan(input_dir: Path, options: RunOptions, json_out: bool) -> None:
     for d in jp.choice.degradations:
         con.print(f"[yellow]  {d}[/yellow]")
     con.print(f"output would go to {default_out_dir(input_dir)}; nothing was run (--plan)")
+
+
+def _overrides(items: list[str]) -> tuple[tuple[str, object], ...]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--set")
+        out.append((key, int(value) if value.lstrip("-").isdigit() else value))
+    return tuple(out)
+
+
+def _fleet_options(gpus: str, jobs_per_gpu: str, backend: str, address: str | None) -> FleetOptions:
+    try:
+        selected = parse_gpus(gpus)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--gpus") from None
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"{backend!r}: expected {' or '.join(BACKENDS)}", param_hint="--backend")
+    if backend == "ray" and selected is not None:
+        raise typer.BadParameter("with --backend ray the workers offer their GPUs (up2you-budget ray-worker --gpus)",
+                                 param_hint="--gpus")  # fmt: skip
+    if backend != "ray" and address is not None:
+        raise typer.BadParameter("--address is the Ray cluster's: use it with --backend ray", param_hint="--address")
+    return FleetOptions(gpus=selected, jobs_per_gpu=_auto_int(None)(jobs_per_gpu), backend=backend, address=address)
+
+
+def _subjects(input_dir: Path, out: Path | None) -> list[Subject] | None:
+    try:
+        return detect_subjects(input_dir, exclude=out)
+    except InputError as exc:
+        raise JobError(str(exc), exc.exit_code) from None
+
+
+def _run_fleet(subjects: list[Subject], out: Path, options: RunOptions, fleet: FleetOptions, json_out: bool) -> int:
+    result = run_fleet(subjects, out, options, fleet, console=err)
+    if json_out:
+        print(json.dumps(result.rows, indent=1, default=str))
+    err.print(f"summary: {result.out_dir / 'summary.csv'}", highlight=False)
+    return result.exit_code
 
 
 def gpus_command(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
@@ -231,9 +300,37 @@ def calibrate_command(
     err.print(f"[green]table v{result.table.version} written to {result.path}[/green] ({result.wall_s:.0f} s)")
 
 
+def ray_worker_command(
+    address: str = typer.Option(..., help="The Ray head's address (HOST:6379), from `ray start --head`."),
+    gpus: str = typer.Option("all", help="The GPUs of this host to offer: all or 0,1."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the ray start commands; run nothing."),
+) -> None:  # fmt: skip
+    """Join a Ray cluster with one raylet per GPU (its own CUDA_VISIBLE_DEVICES, num_gpus=1, vram_gib)."""
+    from orchestrator.fleet.ray_worker import raylets, start_raylets
+
+    try:
+        selected = parse_gpus(gpus)
+        probe = default_probe()
+        assert probe is not None  # on a GPU host: NVML (or the simulated GPUs of the tests)
+        found = probe.gpus()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--gpus") from None
+    except ProbeError as exc:
+        raise JobError(str(exc), EXIT_NO_DEVICE) from None
+    chosen = [g for g in found if selected is None or g.index in selected]
+    if not chosen:
+        raise JobError(f"--gpus {gpus}: no such GPU here (see `up2you-budget gpus`)", EXIT_NO_DEVICE)
+    plan = raylets(chosen, address)
+    for r in plan:
+        print(r.shell())
+    if not dry_run:
+        raise typer.Exit(start_raylets(plan))
+
+
 # Subcommands, selected by argv[1].
 SUBCOMMANDS: dict[str, Callable[..., None]] = {"gpus": gpus_command, "plan": plan_command,
-                                               "calibrate": calibrate_command}  # fmt: skip
+                                               "calibrate": calibrate_command,
+                                               "ray-worker": ray_worker_command}  # fmt: skip
 
 
 def _app(command: Callable[..., None], name: str) -> typer.Typer:

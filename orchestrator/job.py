@@ -287,7 +287,8 @@ def _run_locked(
     ctx = RunContext(job, pipeline, jp.table, len(inputs.photos), inputs.key, jp.constraints, jp.base, budget.bytes,
                      jp.corrections, probe=probe, gpu=budget.gpu,
                      max_retries=options.max_retries, wait_for_vram_s=options.wait_for_vram_s,
-                     weights_dir=choice.plan.weights_dir, on_event=printer, ledger=jp.ledger,
+                     weights_dir=choice.plan.weights_dir, on_event=printer,
+                     ledger=jp.ledger,
                      job_id=options.job_id or str(out.resolve()),
                      vram_cap=None if options.vram == "auto" else parse_size(options.vram),
                      wait_for_siblings_s=options.wait_for_siblings_s)  # fmt: skip
