@@ -31,6 +31,8 @@ from orchestrator.probe import GpuInfo, NvmlProbe, Probe, ProbeError, select_gpu
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
 from orchestrator.sizes import gib, parse_size
+from orchestrator.weightfiles import resolve as resolve_weights
+from orchestrator.weightfiles import verify_checkpoint, weights_record
 from stages.jobfs import JobDir
 from stages.plan import Plan
 from stages.spec import EXIT_DISK_FULL, EXIT_MISSING_WEIGHTS, EXIT_NO_DEVICE, UP2YOU, Pipeline
@@ -111,6 +113,7 @@ class RunReport:
     pipeline_result: PipelineResult | None = None
     deliverables: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    weights: dict[str, Any] = field(default_factory=dict)  # where each checkpoint was found, what was verified
 
     def to_dict(self) -> dict[str, Any]:
         r = self.pipeline_result
@@ -137,7 +140,7 @@ class RunReport:
             "attempts": [a.to_dict() for a in r.attempts] if r else [],
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
-            "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables,
+            "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables, "weights": self.weights,
         }  # fmt: skip
 
 
@@ -214,7 +217,7 @@ def run_job(
                        [str(p) for p in inputs.ignored], options.tiny)  # fmt: skip
     if options.plan_only:
         return report
-    _preflight(pipeline, choice, options, out)
+    report.weights = _preflight(pipeline, choice, options, out)
     if options.tiny:
         ensure_tiny_weights(Path(choice.plan.weights_dir), console)
     job.root.mkdir(parents=True, exist_ok=True)
@@ -270,18 +273,30 @@ def _wait_for_budget(options: RunOptions, probe: Probe | None, gpu: GpuInfo) -> 
 def _weights_dir(options: RunOptions) -> Path:
     if options.tiny:
         return cache_dir() / "tiny-weights"
-    return (options.weights or Path("weights")).resolve()
+    return resolve_weights(options.weights).root  # --weights, $UP2YOU_WEIGHTS, ./weights, the HF cache
 
 
-def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out: Path) -> None:
-    """Stop before any process starts: missing weights (listed with their source), too little disk."""
+def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out: Path) -> dict[str, Any]:
+    """Stop before any process starts: missing or wrong weights (each with its fix), too little disk.
+
+    Returns what run.json records about the weights (where found, size/sha256 verified).
+    """
+    record: dict[str, Any] = {}
     if not (options.tiny or options.full_random):
         keys = sorted({k for s in pipeline.stages for k in s.checkpoints})
-        missing = checkpoints.missing(choice.plan.weights_dir, keys)
-        if missing:
+        res = resolve_weights(options.weights, keys)
+        if res.missing:
+            missing = [(path, source) for path, source in checkpoints.missing(res.primary, res.missing)]
             lines = "\n".join(f"  {path}\n    get it from {source}" for path, source in missing)
-            raise JobError(f"{len(missing)} weight file(s) missing under {choice.plan.weights_dir} "
-                           f"(--weights DIR):\n{lines}\nor run with --tiny for a smoke test", EXIT_MISSING_WEIGHTS)  # fmt: skip
+            looked = ", ".join(f"{loc.label} ({loc.path})" for loc in res.looked_in)
+            raise JobError(f"{len(missing)} weight file(s) missing under {res.primary} (--weights DIR):\n{lines}\n"
+                           f"looked in {looked}\nget them with `up2you-budget weights fetch --accept-smplx-license`, "
+                           "or run with --tiny for a smoke test", EXIT_MISSING_WEIGHTS)  # fmt: skip
+        checks = {k: verify_checkpoint(k, Path(choice.plan.weights_dir)) for k in keys}
+        bad = [v.problem for vs in checks.values() for v in vs if not v.ok]
+        if bad:
+            raise JobError("\n".join(bad), EXIT_MISSING_WEIGHTS)
+        record = weights_record(res, checks)
     need = DISK_BASE + DISK_PER_VIEW * choice.plan.views
     probe_dir = out
     while not probe_dir.exists():
@@ -290,6 +305,7 @@ def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out:
     if free < need:
         raise JobError(f"not enough disk in {probe_dir}: {free / 1e9:.1f} GB free, this run needs about "
                        f"{need / 1e9:.1f} GB; free space or pass --out on another disk", EXIT_DISK_FULL)  # fmt: skip
+    return record
 
 
 def ensure_tiny_weights(weights: Path, console: Console) -> None:
