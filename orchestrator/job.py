@@ -31,12 +31,11 @@ from orchestrator.probe import GpuInfo, NvmlProbe, Probe, ProbeError, select_gpu
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
 from orchestrator.sizes import gib, parse_size
+from orchestrator.weightfiles import missing_message, verify_checkpoint, weights_record
 from orchestrator.weightfiles import resolve as resolve_weights
-from orchestrator.weightfiles import verify_checkpoint, weights_record
 from stages.jobfs import JobDir
 from stages.plan import Plan
 from stages.spec import EXIT_DISK_FULL, EXIT_MISSING_WEIGHTS, EXIT_NO_DEVICE, UP2YOU, Pipeline
-from up2you import checkpoints
 
 SMOKE_TEST = "SMOKE TEST: tiny random weights; the output is noise, not a reconstruction"
 # A smoke run checks the plumbing, not the result: small geometry so it finishes in a minute on a CPU.
@@ -286,12 +285,7 @@ def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out:
         keys = sorted({k for s in pipeline.stages for k in s.checkpoints})
         res = resolve_weights(options.weights, keys)
         if res.missing:
-            missing = [(path, source) for path, source in checkpoints.missing(res.primary, res.missing)]
-            lines = "\n".join(f"  {path}\n    get it from {source}" for path, source in missing)
-            looked = ", ".join(f"{loc.label} ({loc.path})" for loc in res.looked_in)
-            raise JobError(f"{len(missing)} weight file(s) missing under {res.primary} (--weights DIR):\n{lines}\n"
-                           f"looked in {looked}\nget them with `up2you-budget weights fetch --accept-smplx-license`, "
-                           "or run with --tiny for a smoke test", EXIT_MISSING_WEIGHTS)  # fmt: skip
+            raise JobError(missing_message(res), EXIT_MISSING_WEIGHTS)
         checks = {k: verify_checkpoint(k, Path(choice.plan.weights_dir)) for k in keys}
         bad = [v.problem for vs in checks.values() for v in vs if not v.ok]
         if bad:

@@ -131,6 +131,15 @@ def resolve(given: Path | None, keys: Iterable[str] | None = None, use_caches: b
     return res
 
 
+def missing_message(res: Resolution) -> str:
+    """A first line that says what is missing, where we looked and the fix; then each file and its source."""
+    items = checkpoints.missing(res.primary, res.missing)
+    looked = ", ".join(f"{loc.label} ({loc.path})" for loc in res.looked_in)
+    head = (f"{len(items)} weight file(s) missing, first {items[0][0]} (looked in {looked}); get them with "
+            "`up2you-budget weights fetch --accept-smplx-license`, or run with --tiny for a smoke test")  # fmt: skip
+    return "\n".join([head] + [f"  {path}\n    get it from {source}" for path, source in items])
+
+
 def _link_farm(found: Iterable[Found]) -> Path:
     """A folder of symlinks in the stages' layout, one per found checkpoint (stable name: same links, same id)."""
     links = sorted((CHECKPOINTS[f.key].path.rstrip("/"), str(f.path)) for f in found)
