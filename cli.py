@@ -273,6 +273,8 @@ def doctor_command(
     """One row per check (GPU, driver, torch CUDA, nvdiffrast, weights, disk, RAM, ffmpeg); exit 0 only when ready."""
     from orchestrator import doctor
 
+    if not json_out:
+        err.print("checking (the first check of real weights hashes them: up to a minute) ...")
     rows = doctor.run_checks(out, weights)
     ok = doctor.ready(rows)
     if json_out:

@@ -286,7 +286,7 @@ def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out:
         res = resolve_weights(options.weights, keys)
         if res.missing:
             raise JobError(missing_message(res), EXIT_MISSING_WEIGHTS)
-        checks = {k: verify_checkpoint(k, Path(choice.plan.weights_dir)) for k in keys}
+        checks = {k: verify_checkpoint(k, Path(choice.plan.weights_dir), hash_unknown=True) for k in keys}
         bad = [v.problem for vs in checks.values() for v in vs if not v.ok]
         if bad:
             raise JobError("\n".join(bad), EXIT_MISSING_WEIGHTS)

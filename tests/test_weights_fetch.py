@@ -36,7 +36,10 @@ def hub(monkeypatch: pytest.MonkeyPatch):
     with FakeHub(files) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        from huggingface_hub import constants
+
+        # conftest sets HF_HUB_OFFLINE=1 for every test, and huggingface_hub reads it once, at import
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         yield server
 
 

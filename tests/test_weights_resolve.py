@@ -106,3 +106,14 @@ def test_verification_and_what_run_json_records(hf_cache: Path, monkeypatch: pyt
     bad = verify_checkpoint("rgb_adapter", res.root)[0]
     assert not bad.ok and "expected 0000000000000000" in bad.problem and "test pointer" in bad.problem
     assert "weights fetch" in bad.problem and "\n" not in bad.problem
+
+
+def test_the_new_commands_never_import_torch(hf_cache: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, orchestrator.doctor, orchestrator.fetch, orchestrator.demo, orchestrator.weightfiles as w; "
+            "w.resolve(None); sys.exit(1 if 'torch' in sys.modules else 0)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr or "torch was imported"
