@@ -7,6 +7,10 @@
     up2you-budget calibrate --gpu 0 [--quick]    measure this GPU, write the next budget table
     up2you-budget --vram 12GB subjects/          one folder per person: a queue over every GPU
     up2you-budget ray-worker --address HEAD:6379 join a Ray cluster, one raylet per GPU
+    up2you-budget weights fetch [--accept-smplx-license]   download and verify the released checkpoints
+    up2you-budget weights verify | where         check them / say where each one is found
+    up2you-budget doctor [--json]                what stands between this machine and a real run
+    up2you-budget demo [--device cpu]            the whole chain with tiny weights, no photos/GPU needed
 
 The main command has a positional folder, which does not mix with click subcommands, so `main`
 dispatches on argv[1] itself: a word in SUBCOMMANDS selects that command, anything else is a run.
@@ -327,14 +331,119 @@ def ray_worker_command(
         raise typer.Exit(start_raylets(plan))
 
 
-# Subcommands, selected by argv[1].
+def weights_fetch_command(
+    to: Path | None = typer.Option(None, "--to", help="Weights folder to fill (default: --weights resolution: "
+                                   "$UP2YOU_WEIGHTS, else ./weights)."),
+    only: list[str] = typer.Option([], "--only", help="Fetch only these checkpoints (repeatable): "
+                                   "sd21, rgb_adapter, normal_adapter, shape_predictor, feature_aggregator, dinov2, "
+                                   "birefnet, smplx, mano_ids, smplx_lmkid."),
+    accept_smplx_license: bool = typer.Option(False, "--accept-smplx-license", help="You accept the SMPL-X licence "
+                                              "(smpl-x.is.tue.mpg.de/modellicense.html): fetch the SMPL-X files too."),
+) -> None:  # fmt: skip
+    """Download exactly the files the stages read, verify their size and sha256; a rerun resumes / does nothing."""
+    from orchestrator.fetch import fetch, fetch_files, licence_notice, select
+    from orchestrator.weightfiles import folder_candidates
+    from stages.spec import EXIT_MISSING_WEIGHTS
+
+    try:
+        downloads = select(only)
+    except ValueError as exc:
+        raise JobError(str(exc), EXIT_USAGE) from None
+    dest = (to.expanduser().resolve() if to else folder_candidates(None)[0].path)
+    err.print(f"weights folder: {dest}")
+    result = fetch(dest, fetch_files(downloads), accept_smplx_license, err)
+    for v in result.verified:
+        err.print(f"  [green]ok[/green] {v.path} ({v.checked}{': ' + v.sha256[:12] + '…' if v.sha256 else ''})",
+                  highlight=False)  # fmt: skip
+    for line in result.failed:
+        err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+    if result.not_accepted:
+        err.print(f"[yellow]{licence_notice(result.not_accepted)}[/yellow]", highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(EXIT_MISSING_WEIGHTS)
+    err.print(f"[green]{len(result.fetched)} file(s) fetched, {len(result.verified)} verified[/green] in {dest}")
+
+
+def weights_verify_command(
+    weights: Path | None = typer.Option(None, help="Folder of released checkpoints (default: the usual resolution)."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:  # fmt: skip
+    """Where each checkpoint is found (--weights, $UP2YOU_WEIGHTS, ./weights, the HF cache) and whether it verifies."""
+    from orchestrator.weightfiles import resolve, verify_checkpoint, weights_record
+    from stages.spec import EXIT_MISSING_WEIGHTS
+
+    res = resolve(weights)
+    checks = {k: verify_checkpoint(k, res.root, hash_unknown=True) for k in res.found}
+    if json_out:
+        print(json.dumps(weights_record(res, checks), indent=1))
+    else:
+        for key, found in res.found.items():
+            bad = [v.problem for v in checks[key] if not v.ok]
+            mark = "[red]FIX[/red]" if bad else "[green]ok[/green]"
+            err.print(f"{mark} {key:18s} {found.location.label}: {found.path}", highlight=False)
+            for line in bad:
+                err.print(f"    {line}", highlight=False, soft_wrap=True)
+        for key in res.missing:
+            err.print(f"[red]missing[/red] {key:14s} get it with `up2you-budget weights fetch --only {key}`",
+                      highlight=False)  # fmt: skip
+    if res.missing or any(not v.ok for vs in checks.values() for v in vs):
+        raise typer.Exit(EXIT_MISSING_WEIGHTS)
+
+
+def doctor_command(
+    out: Path = typer.Option(Path("."), help="Where outputs will go (checked for free disk)."),
+    weights: Path | None = typer.Option(None, help="Folder of released checkpoints (default: the usual resolution)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON on stdout."),
+) -> None:  # fmt: skip
+    """One row per check (GPU, driver, torch CUDA, nvdiffrast, weights, disk, RAM, ffmpeg); exit 0 only when ready."""
+    from orchestrator import doctor
+
+    if not json_out:
+        err.print("checking (the first check of real weights hashes them: up to a minute) ...")
+    rows = doctor.run_checks(out, weights)
+    ok = doctor.ready(rows)
+    if json_out:
+        print(json.dumps({"ready": ok, "checks": [r.to_dict() for r in rows],
+                          "tiny_skips": [doctor.SKIPPED_BY_TINY, doctor.SKIPPED_BY_TINY_CPU]}, indent=1))  # fmt: skip
+    else:
+        Console().print(doctor.table(rows))
+        Console().print(doctor.summary(rows), highlight=False, soft_wrap=True)
+    if not ok:
+        raise typer.Exit(doctor.EXIT_NOT_READY)
+
+
+def demo_command(
+    out: Path = typer.Option(Path("up2you_demo"), help="Folder for the synthetic photos and every output."),
+    device: str = typer.Option("auto", help="auto (a usable CUDA GPU, else cpu), cpu or cuda."),
+) -> None:  # fmt: skip
+    """Run the whole chain on synthetic photos with tiny random weights: no photos, weights or GPU needed."""
+    from orchestrator.demo import NEXT_STEPS, run_demo
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"{device!r}: expected auto, cpu or cuda", param_hint="--device")
+    report = run_demo(out, device, err)
+    if not report.ok:
+        err.print(f"[red]error:[/red] {report.message}\n  report: {report.out_dir / 'run.json'}")
+        raise typer.Exit(report.exit_code)
+    err.print(f"[green]done in {report.wall_s:.0f} s[/green] -> {report.out_dir}")
+    for d in report.deliverables:
+        err.print(f"  {report.out_dir / d}")
+    err.print(f"[bold yellow]{NEXT_STEPS}[/bold yellow]", highlight=False, soft_wrap=True)
+
+
+# Subcommands, selected by argv[1]; a word in SUBCOMMAND_VERBS also takes a verb from argv[2].
 SUBCOMMANDS: dict[str, Callable[..., None]] = {"gpus": gpus_command, "plan": plan_command,
-                                               "calibrate": calibrate_command,
-                                               "ray-worker": ray_worker_command}  # fmt: skip
+                                               "calibrate": calibrate_command, "doctor": doctor_command,
+                                               "demo": demo_command, "ray-worker": ray_worker_command}  # fmt: skip
+SUBCOMMAND_VERBS: dict[str, dict[str, Callable[..., None]]] = {
+    "weights": {"fetch": weights_fetch_command, "verify": weights_verify_command, "where": weights_verify_command},
+}
 
 
 def _app(command: Callable[..., None], name: str) -> typer.Typer:
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=command is not gpus_command)
+    no_args_help = command not in (gpus_command, doctor_command, demo_command, weights_fetch_command,
+                                   weights_verify_command)  # fmt: skip
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=no_args_help)
     app.command(name=name)(command)
     return app
 
@@ -347,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in SUBCOMMANDS:
         name, command = f"up2you-budget {args[0]}", SUBCOMMANDS[args[0]]
         args = args[1:]
+    elif args and args[0] in SUBCOMMAND_VERBS:
+        verbs = SUBCOMMAND_VERBS[args[0]]
+        if len(args) < 2 or args[1] not in verbs:
+            err.print(f"usage: up2you-budget {args[0]} {'|'.join(verbs)} [OPTIONS] (--help for each)")
+            return EXIT_USAGE
+        name, command = f"up2you-budget {args[0]} {args[1]}", verbs[args[1]]
+        args = args[2:]
     click_cmd = typer.main.get_command(_app(command, name))
     try:
         code = click_cmd.main(args=args, prog_name=name, standalone_mode=False)

@@ -47,6 +47,8 @@ from orchestrator.probe import GpuInfo, NoSuchGpu, Probe, ProbeError, default_pr
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
 from orchestrator.sizes import gib, parse_size
+from orchestrator.weightfiles import missing_message, verify_checkpoint, weights_record
+from orchestrator.weightfiles import resolve as resolve_weights
 from stages.jobfs import JobDir
 from stages.plan import Plan
 from stages.spec import EXIT_DISK_FULL, EXIT_MISSING_WEIGHTS, EXIT_NO_DEVICE, UP2YOU, Pipeline
@@ -132,6 +134,7 @@ class RunReport:
     deliverables: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     waits: list[Wait] = field(default_factory=list)
+    weights: dict[str, Any] = field(default_factory=dict)  # where each checkpoint was found, what was verified
 
     def to_dict(self) -> dict[str, Any]:
         r = self.pipeline_result
@@ -159,7 +162,7 @@ class RunReport:
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
             "waits": [w.__dict__ for w in self.waits + (r.waits if r else [])],
-            "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables,
+            "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables, "weights": self.weights,
         }  # fmt: skip
 
 
@@ -262,7 +265,7 @@ def run_job(
                        [str(p) for p in inputs.ignored], options.tiny, waits=list(jp.waits))  # fmt: skip
     if options.plan_only:
         return report
-    _preflight(pipeline, choice, options, out)
+    report.weights = _preflight(pipeline, choice, options, out)
     if options.tiny:
         ensure_tiny_weights(Path(choice.plan.weights_dir), console)
     lock = OutputLock(out)
@@ -384,27 +387,29 @@ def _wait_for_budget(
 def _weights_dir(options: RunOptions) -> Path:
     if options.tiny:
         return cache_dir() / "tiny-weights"
-    return (options.weights or Path("weights")).resolve()
+    return resolve_weights(options.weights).root  # --weights, $UP2YOU_WEIGHTS, ./weights, the HF cache
 
 
-def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out: Path) -> None:
-    """Stop before any process starts: missing or damaged weights (with their source), an unusable --out,
-    too little disk."""
+def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out: Path) -> dict[str, Any]:
+    """Stop before any process starts: missing or wrong weights (each with its fix), too little disk.
+
+    Returns what run.json records about the weights (where found, size/sha256 verified).
+    """
+    record: dict[str, Any] = {}
     if not (options.tiny or options.full_random):
         keys = sorted({k for s in pipeline.stages for k in s.checkpoints})
-        missing = checkpoints.missing(choice.plan.weights_dir, keys)
-        if len(missing) == 1:
-            raise JobError(f"weight file {missing[0][0]} is missing: get it from {missing[0][1]} (or pass --weights DIR; "
-                           "--tiny runs a smoke test without weights)", EXIT_MISSING_WEIGHTS)  # fmt: skip
-        if missing:
-            lines = "\n".join(f"  {path}\n    get it from {source}" for path, source in missing)
-            raise JobError(f"{len(missing)} weight files missing under {choice.plan.weights_dir}: put them there "
-                           f"(listed below, with where to get each) or pass --weights DIR; --tiny runs a smoke "
-                           f"test without weights\n{lines}", EXIT_MISSING_WEIGHTS)  # fmt: skip
-        broken = checkpoints.damaged(choice.plan.weights_dir, keys)
+        res = resolve_weights(options.weights, keys)
+        if res.missing:
+            raise JobError(missing_message(res), EXIT_MISSING_WEIGHTS)
+        broken = checkpoints.damaged(res.root, keys)  # cheap header checks first: truncation, pickle payloads
         if broken:
             more = f" (and {len(broken) - 1} more damaged file(s))" if len(broken) > 1 else ""
             raise JobError(f"weight file {broken[0]}{more}", EXIT_MISSING_WEIGHTS)
+        checks = {k: verify_checkpoint(k, Path(choice.plan.weights_dir), hash_unknown=True) for k in keys}
+        bad = [v.problem for vs in checks.values() for v in vs if not v.ok]
+        if bad:
+            raise JobError("\n".join(bad), EXIT_MISSING_WEIGHTS)
+        record = weights_record(res, checks)
     _check_out_dir(out)
     need = DISK_BASE + DISK_PER_VIEW * choice.plan.views
     probe_dir = out
@@ -414,6 +419,7 @@ def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out:
     if free < need:
         raise JobError(f"not enough disk in {probe_dir}: {free / 1e9:.1f} GB free, this run needs about "
                        f"{need / 1e9:.1f} GB; free space or pass --out on another disk", EXIT_DISK_FULL)  # fmt: skip
+    return record
 
 
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)

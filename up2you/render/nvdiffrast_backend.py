@@ -21,20 +21,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from up2you.buildcache import extensions_dir
+
+__all__ = ["NvdiffrastRasterizer", "extensions_dir", "load_nvdiffrast"]
+
 _STATE: dict[str, Any] = {}
-
-
-def extensions_dir() -> Path:
-    """The persistent folder torch extensions are built in (see the module docstring)."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "up2you-budget" / "torch_extensions"
 
 
 def load_nvdiffrast() -> tuple[Any, float]:
