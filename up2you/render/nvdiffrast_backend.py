@@ -79,7 +79,13 @@ class NvdiffrastRasterizer:
         out, _ = self._dr.interpolate(attr.contiguous(), rast, tri.int().contiguous())
         return out
 
+    def topology(self, tri: torch.Tensor) -> Any:
+        """nvdiffrast's edge hash of `tri`: built by one kernel, reusable while `tri` does not change."""
+        return self._dr.antialias_construct_topology_hash(tri.int().contiguous())
+
     def antialias(
-        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor
+        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+        topology: Any = None,
     ) -> torch.Tensor:
-        return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri.int().contiguous())
+        return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri.int().contiguous(),
+                                  topology_hash=topology)
