@@ -12,8 +12,8 @@ Stages run one at a time, so each one gets the whole budget.
 
 Knobs that only one stage reads and that are exact are not rungs of the ladder: for each candidate
 the planner takes the cheapest value that lets that stage fit. Today that is the mesh fit's
-`mesh_view_chunk`: all views in one batch if they fit, else the fewest chunks that do (same
-result, one rasterizer pass more per chunk).
+`mesh_view_chunk`: all views in one batch if they fit, else the fewest equal chunks that do
+(same result, one rasterizer pass more per chunk).
 """
 
 from __future__ import annotations
@@ -156,14 +156,11 @@ def evaluate(
 
 
 def mesh_view_chunks(views: int) -> list[int]:
-    """mesh_view_chunk values from fastest to leanest: 0 (all views), then the smallest chunk size for
-    2, 3, ... chunks (for 20 views: 10, 7, 5, 4, 3, 2, 1)."""
-    sizes = [0]
-    for n_chunks in range(2, views + 1):
-        k = -(-views // n_chunks)
-        if k not in sizes:
-            sizes.append(k)
-    return sizes
+    """mesh_view_chunk values from fastest to leanest: 0 (all views), then the divisors of `views`
+    downwards (for 20 views: 10, 5, 4, 2, 1). Equal chunks only: nvdiffrast reallocates its buffers
+    whenever the number of images per call changes, so a short last chunk would cost two
+    reallocations per iteration."""
+    return [0] + [k for k in range(views - 1, 0, -1) if views % k == 0]
 
 
 def with_stage_knobs(

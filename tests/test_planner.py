@@ -140,7 +140,8 @@ def test_a_learned_mesh_correction_shrinks_the_chunk_not_the_plan(table) -> None
 
 
 def test_mesh_view_chunks_go_from_all_views_to_one() -> None:
-    assert mesh_view_chunks(20) == [0, 10, 7, 5, 4, 3, 2, 1]
+    assert mesh_view_chunks(20) == [0, 10, 5, 4, 2, 1]  # equal chunks only
+    assert mesh_view_chunks(12) == [0, 6, 4, 3, 2, 1]
     assert mesh_view_chunks(6) == [0, 3, 2, 1]
     assert mesh_view_chunks(1) == [0]
 

@@ -8,9 +8,12 @@ iteration either way.
 
 What keeps the loop fast on a GPU: the loss of each iteration stays on the device (read back only
 when logged), the normals are computed once per iteration and not once per chunk, the faces are
-converted to int32 and the antialias topology built once per iteration for all chunks, the loss is
-one fused pass over a channels-last (N,R,R,4) target, and the optimiser and remesher share one edge
-list and read back only the counts they must (see `up2you/geometry/remesh.py`).
+converted to int32 and the antialias topology built once per iteration for all chunks, the
+rasterizer's buffers are grown ahead of the growing mesh (`Rasterizer.reserve`), the loss is one
+fused pass over a channels-last (N,R,R,4) target, and the optimiser and remesher share one edge list
+and read back only the counts they must (see `up2you/geometry/remesh.py`). Equal chunks are best
+(the planner only picks divisors of the view count): nvdiffrast reallocates its buffers whenever
+the number of images per call changes.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def fit_mesh(
         v, f = opt.vertices, opt.faces
         with phase("render"):
             tri = f.int().contiguous()
+            rast_backend.reserve(chunks[0].stop - chunks[0].start, tri.shape[0], (res, res))
             topology = rast_backend.topology(tri)
             normals = normal_attr(vertex_normals(v, f))
             # with several chunks the normals are a leaf per chunk; their gradient is passed on once

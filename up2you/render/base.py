@@ -36,6 +36,10 @@ class Rasterizer(Protocol):
         """attr (V,C) or (B,V,C) -> (B,H,W,C)."""
         ...
 
+    def reserve(self, batch: int, triangles: int, resolution: tuple[int, int]) -> None:
+        """A hint before drawing a growing mesh: make room for at least `triangles` (no-op if not needed)."""
+        ...
+
     def topology(self, tri: torch.Tensor) -> Any:
         """What `antialias` needs to know about `tri` (int32), built once; None if it needs nothing."""
         ...

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 _STATE: dict[str, Any] = {}
+RESERVE_GROWTH = 1.25  # reserve this much more than the triangles seen, so growth reallocates rarely
 
 
 def extensions_dir() -> Path:
@@ -69,6 +70,25 @@ class NvdiffrastRasterizer:
         self.device = torch.device(device)
         self._dr, self.build_seconds = load_nvdiffrast()
         self._ctx = self._dr.RasterizeCudaContext(device=self.device)
+        self._reserved_triangles = 0
+
+    def reserve(self, batch: int, triangles: int, resolution: tuple[int, int]) -> None:
+        """Grow nvdiffrast's triangle buffers ahead of a mesh that grows a little every iteration.
+
+        Its CUDA rasterizer sizes them (cudaMalloc, outside torch's allocator) to the largest triangle
+        count seen plus a fixed slack and frees and reallocates them at every new maximum: a remeshed
+        mesh that grows by a few hundred faces per iteration would pay that (and the device sync of
+        cudaFree) at every iteration. One draw of degenerate triangles at 1.25x the count makes the
+        next reallocation wait for 25 % more growth.
+        """
+        if triangles <= self._reserved_triangles:
+            return
+        target = int(triangles * RESERVE_GROWTH) + 1
+        pos = torch.zeros(batch, 3, 4, device=self.device)
+        pos[..., 3] = 1.0
+        tri = torch.zeros(target, 3, dtype=torch.int32, device=self.device)  # degenerate: nothing is drawn
+        self._dr.rasterize(self._ctx, pos, tri, list(resolution), grad_db=False)
+        self._reserved_triangles = target
 
     def rasterize(self, pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
         rast, _ = self._dr.rasterize(self._ctx, pos.contiguous(), tri.int().contiguous(), list(resolution),

@@ -153,6 +153,9 @@ class TorchRasterizer:
         val = u * a[:, 0] + v * a[:, 1] + (1.0 - u - v) * a[:, 2]
         return out.index_put((pix,), val).view(b_count, h, w, c)
 
+    def reserve(self, batch: int, triangles: int, resolution: tuple[int, int]) -> None:
+        """Nothing to reserve: buffers are ordinary tensors of each call."""
+
     def topology(self, tri: torch.Tensor) -> None:
         """Nothing to precompute: `antialias` compares triangle corners directly."""
         return None
