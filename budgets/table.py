@@ -39,6 +39,11 @@ def _unet_batch(plan: Plan) -> int:
     return 2 * plan.views if plan.cfg_mode == "batched" else plan.views
 
 
+def _mesh_chunk(plan: Plan) -> int:
+    """Views the mesh fit renders together: mesh_view_chunk of them, or all (0 or more than there are)."""
+    return min(plan.mesh_view_chunk, plan.views) if plan.mesh_view_chunk > 0 else plan.views
+
+
 Feature = Callable[[Plan, int], float]
 
 FEATURES: dict[str, Feature] = {
@@ -52,6 +57,7 @@ FEATURES: dict[str, Feature] = {
     "ref_chunk_res2": lambda p, r: min(r, p.ref_chunk) * _res2(p),
     "view_chunk_res2": lambda p, r: min(p.views, p.ref_chunk) * _res2(p),
     "mesh_views_px": lambda p, r: p.views * (p.mesh_resolution / _RENDER_RES) ** 2,
+    "mesh_chunk_px": lambda p, r: _mesh_chunk(p) * (p.mesh_resolution / _RENDER_RES) ** 2,
     "video_chunk_px": lambda p, r: min(p.video_chunk, p.video_frames) * (p.video_resolution / _RENDER_RES) ** 2,
 }  # fmt: skip
 """Simple features of a plan that coefficients multiply. `n_refs` is the number of input photos."""

@@ -9,6 +9,11 @@ for offload (offload can cost several times the run time).
 
 A stage fits when predicted allocator peak x learned correction + CUDA context + margin <= budget.
 Stages run one at a time, so each one gets the whole budget.
+
+Knobs that only one stage reads and that are exact are not rungs of the ladder: for each candidate
+the planner takes the cheapest value that lets that stage fit. Today that is the mesh fit's
+`mesh_view_chunk`: all views in one batch if they fit, else the fewest equal chunks that do
+(same result, one rasterizer pass more per chunk).
 """
 
 from __future__ import annotations
@@ -76,7 +81,9 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return f"{self.plan.views} views, {self.plan.resolution} px, {self.step.label}"
+        chunk = self.plan.mesh_view_chunk
+        mesh = f", mesh views in chunks of {chunk}" if 0 < chunk < self.plan.views else ""
+        return f"{self.plan.views} views, {self.plan.resolution} px, {self.step.label}{mesh}"
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,30 @@ def evaluate(
     return tuple(fits)
 
 
+def mesh_view_chunks(views: int) -> list[int]:
+    """mesh_view_chunk values from fastest to leanest: 0 (all views), then the divisors of `views`
+    downwards (for 20 views: 10, 5, 4, 2, 1). Equal chunks only: nvdiffrast reallocates its buffers
+    whenever the number of images per call changes, so a short last chunk would cost two
+    reallocations per iteration."""
+    return [0] + [k for k in range(views - 1, 0, -1) if views % k == 0]
+
+
+def with_stage_knobs(
+    cand: Candidate, pipeline: Pipeline, table: BudgetTable, n_refs: int, budget_bytes: int,
+    factors: Mapping[str, float] | None = None,
+) -> Candidate:  # fmt: skip
+    """`cand` with the cheapest mesh_view_chunk that lets the mesh stage fit (the leanest if none does)."""
+    if "mesh" not in pipeline.names or not pipeline["mesh"].gpu:
+        return cand
+    plan = cand.plan
+    for chunk in mesh_view_chunks(plan.views):
+        plan = cand.plan.replace(mesh_view_chunk=chunk)
+        pred = predict("mesh", plan, n_refs, table).scaled((factors or {}).get("mesh", 1.0))
+        if pred.total_bytes + table.margin(pred.allocator_bytes) <= budget_bytes:
+            break
+    return Candidate(plan, cand.quality_rank, cand.step)
+
+
 def choose_plan(
     pipeline: Pipeline, table: BudgetTable, n_refs: int, budget_bytes: int, base: Plan,
     constraints: Constraints, factors: Mapping[str, float] | None = None,
@@ -156,6 +187,7 @@ def choose_plan(
     cands = candidates(base, constraints)
     smallest: tuple[int, Candidate, str] | None = None
     for cand in cands:
+        cand = with_stage_knobs(cand, pipeline, table, n_refs, budget_bytes, factors)
         fits = evaluate(cand.plan, pipeline, table, n_refs, budget_bytes, factors)
         worst = max(fits, key=lambda f: f.need_bytes)
         if worst.fits:
@@ -186,6 +218,8 @@ def _degradations(
         a, b = getattr(best.plan, knob), getattr(chosen.plan, knob)
         if a != b:
             out.append(f"{knob} {a} -> {b} (memory only, slower)")
+    if 0 < chosen.plan.mesh_view_chunk < chosen.plan.views:
+        out.append(f"mesh views all -> chunks of {chosen.plan.mesh_view_chunk} (memory only, same result, slower)")
     return tuple(out)
 
 
