@@ -60,6 +60,24 @@ def _duration(value: str) -> float:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _time_budget(value: str | None) -> float | None:
+    """`--time-budget 90s|10m|none`: seconds, or None for no time budget."""
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--time-budget") from None
+    if seconds <= 0:
+        raise typer.BadParameter(f"{value!r}: a time budget must be positive, like 90s or 10m",
+                                 param_hint="--time-budget")  # fmt: skip
+    return seconds
+
+
+TIME_BUDGET_HELP = ("Also fit the predicted run time: 90s, 10m (the planner raises the THG interval, then lowers "
+                    "steps, then views). Default: none.")
+
+
 def run_command(
     input_dir: Path = typer.Argument(..., help="Folder of photos of one person (JPEG/PNG)."),
     vram: str = typer.Option("auto", callback=_vram, help="Memory cap: SIZE (12GB = 12 x 2^30 bytes; GB, GiB, MB, "
@@ -80,6 +98,7 @@ def run_command(
     device: str = typer.Option("cuda", help="cuda, or cpu (tiny test models only)."),
     tiny: bool = typer.Option(False, help="Smoke test: tiny random weights (the output is noise)."),
     plan: bool = typer.Option(False, "--plan", help="Print the plan and exit; run nothing."),
+    time_budget: str | None = typer.Option(None, "--time-budget", help=TIME_BUDGET_HELP),
 ) -> None:  # fmt: skip
     """Run UP2You on INPUT_DIR within a GPU memory budget."""
     if prefer not in ("quality", "speed"):
@@ -90,6 +109,7 @@ def run_command(
         vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES)(views), resolution=_auto_int(RESOLUTION_CHOICES)(resolution),
         steps=steps, thg_interval=_auto_int(None)(thg_interval), weights=weights, max_retries=max_retries,
         wait_for_vram_s=float(wait_for_vram), prefer=prefer, device=device, tiny=tiny, plan_only=plan, quiet=json_out,
+        time_budget_s=_time_budget(time_budget),
     )  # fmt: skip
     if plan:
         _print_plan(input_dir, options, json_out)
@@ -115,7 +135,8 @@ def _print_plan(input_dir: Path, options: RunOptions, json_out: bool) -> None:
                           "budget_bytes": jp.budget.bytes, "budget_source": jp.budget.source,
                           "degradations": list(jp.choice.degradations),
                           "stages": {f.stage: {"predicted_bytes": f.prediction.total_bytes, "need_bytes": f.need_bytes}
-                                     for f in jp.choice.fits}}, indent=1))  # fmt: skip
+                                     for f in jp.choice.fits},
+                          "predicted_seconds": jp.choice.times.to_dict() if jp.choice.times else None}, indent=1))  # fmt: skip
         return
     con = Console()
     for p in jp.inputs.ignored:
@@ -151,11 +172,12 @@ def plan_command(
     views: str = typer.Option("auto"), resolution: str = typer.Option("auto"),
     prefer: str = typer.Option("quality"), device: str = typer.Option("cuda"), tiny: bool = typer.Option(False),
     json_out: bool = typer.Option(False, "--json"),
+    time_budget: str | None = typer.Option(None, "--time-budget", help=TIME_BUDGET_HELP),
 ) -> None:  # fmt: skip
     """Print the plan for INPUT_DIR and run nothing (same as the main command with --plan)."""
     options = RunOptions(vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES)(views),
                          resolution=_auto_int(RESOLUTION_CHOICES)(resolution), prefer=prefer, device=device,
-                         tiny=tiny, plan_only=True)  # fmt: skip
+                         tiny=tiny, plan_only=True, time_budget_s=_time_budget(time_budget))  # fmt: skip
     _print_plan(input_dir, options, json_out)
 
 
