@@ -221,6 +221,11 @@ def calibrate_command(
         err.print(f"[yellow]not measured: {f}[/yellow]")
     for stage, e in result.errors.items():
         err.print(f"  {stage:10s} worst fit error {e * 100:5.1f} %" if e == e else f"  {stage:10s} no rows")
+    tp = result.table.time.provenance if result.table.time else {}
+    if tp:
+        err.print(f"  time: worst fit error {100 * (tp.get('worst_fit_error') or 0):.0f} %; "
+                  f"{len(tp.get('not_fitted', []))} terms kept from the template, {len(tp.get('excluded_rows', []))} "
+                  "rows excluded (the table's time.provenance says which)")  # fmt: skip
     err.print(f"[green]table v{result.table.version} written to {result.path}[/green] ({result.wall_s:.0f} s)")
 
 
