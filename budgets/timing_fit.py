@@ -108,15 +108,18 @@ def fit_part(terms: Sequence[TimeTerm], rows: Sequence[TimeRow], part: str, sour
     solved = _solve(terms, mine, usable, part)
     if solved is None:
         return PartFit(tuple(terms), None, 0, (), tuple(f"{terms[j].name}: no measured rows" for j in mine))
-    coef, rel, fitted = solved
+    coef, pred, fitted = solved
+    y = np.array([r.target(part) for r in usable])
+    rel = np.abs(pred - y) / y
     bad = {i for i, e in enumerate(rel) if e > OUTLIER_REL}
     excluded: tuple[str, ...] = ()
     if bad and len(bad) < len(usable):
-        pred = _predict(terms, mine, coef, usable)
-        excluded = tuple(f"{usable[i].stage} @ {usable[i].source}: measured {usable[i].target(part):.1f} s, "
-                         f"fit {pred[i]:.1f} s" for i in sorted(bad))  # fmt: skip
+        excluded = tuple(f"{usable[i].stage} @ {usable[i].source}: measured {y[i]:.1f} s, fit {pred[i]:.1f} s"
+                         for i in sorted(bad))  # fmt: skip
         usable = [r for i, r in enumerate(usable) if i not in bad]
-        coef, rel, fitted = _solve(terms, mine, usable, part)  # type: ignore[misc]
+        coef, pred, fitted = _solve(terms, mine, usable, part)  # type: ignore[misc]
+        y = np.array([r.target(part) for r in usable])
+        rel = np.abs(pred - y) / y
     worst = float(max(rel)) if len(rel) else None
     src = f"{source}: NNLS on relative error over {len(usable)} measured rows"
     out, kept = list(terms), []
@@ -132,7 +135,8 @@ def fit_part(terms: Sequence[TimeTerm], rows: Sequence[TimeRow], part: str, sour
 
 def _solve(terms: Sequence[TimeTerm], mine: Sequence[int], rows: Sequence[TimeRow], part: str
            ) -> tuple[dict[int, float], np.ndarray, set[int]] | None:  # fmt: skip
-    """Weighted NNLS over the separable columns; the rest contribute their template coefficient."""
+    """NNLS weighted by 1/measured over the separable columns (each column that raises the rank, in term
+    order); the rest contribute their template coefficient. Returns (coefficients, predictions, fitted)."""
     if not rows:
         return None
     y = np.array([r.target(part) for r in rows], dtype=np.float64)
@@ -155,12 +159,7 @@ def _solve(terms: Sequence[TimeTerm], mine: Sequence[int], rows: Sequence[TimeRo
         sol, _ = nnls(a, (y - offset) * w)
         coef.update({mine[k]: float(c) for k, c in zip(chosen, sol, strict=True)})
     pred = x @ np.array([coef[j] for j in mine]) if mine else np.zeros(len(rows))
-    return coef, np.abs(pred - y) / y, {mine[k] for k in chosen}
-
-
-def _predict(terms: Sequence[TimeTerm], mine: Sequence[int], coef: Mapping[int, float],
-             rows: Sequence[TimeRow]) -> list[float]:  # fmt: skip
-    return [sum(coef[j] * terms[j].unit(r.plan, r.n_refs) for j in mine) for r in rows]
+    return coef, pred, {mine[k] for k in chosen}
 
 
 def handoff_seconds(rows: Iterable[TimeRow]) -> tuple[float, int]:

@@ -233,10 +233,10 @@ def choose_plan(
     budget_s = constraints.time_budget_s
     if budget_s is not None and not _timed(base):
         raise NoTimeModel("no table times the tiny smoke-test models; drop --tiny or --time-budget")
-    if budget_s is not None and (table.time is None or set(pipeline.names) - set(table.time.stages)):
-        raise NoTimeModel(f"budget table {table.name}@v{table.version} has no time model for "
-                         f"{sorted(set(pipeline.names) - set(table.time.stages)) if table.time else 'any stage'}: "
-                         "--time-budget needs a table with a time section (v3 or a new calibration)")  # fmt: skip
+    untimed = sorted(set(pipeline.names) - set(table.time.stages)) if table.time else ["any stage"]
+    if budget_s is not None and untimed:
+        raise NoTimeModel(f"budget table {table.name}@v{table.version} has no time model for {', '.join(untimed)}: "
+                          "--time-budget needs a table with a time section (v3 or a new calibration)")  # fmt: skip
     cands = candidates(base, constraints)
     smallest: tuple[int, Candidate, str] | None = None
     fastest: dict[int, tuple[PlanTime, Candidate]] = {}  # per quality rank: the fastest memory-fitting plan
@@ -284,13 +284,12 @@ def _degradations(
         time_why = (f"at {fitted.plan.views} views, {fitted.plan.resolution} px the fastest plan that fits the memory "
                     f"is predicted at {too_slow[level][0].total_s:.0f} s, over the time budget of {budget_s or 0:.0f} s")
         out += _quality_steps(fitted.plan, chosen.plan, time_why)
-    for knob, unit in (("thg_interval", "THG interval "), ("steps", "")):
+    for knob, name in (("thg_interval", "THG interval"), ("steps", "steps")):
         a, b = getattr(best.plan, knob), getattr(chosen.plan, knob)
-        if a != b:
-            at = predict_time(pipeline, table, chosen.plan.replace(**{knob: a}), n_refs)
-            pred = f" is predicted at {at.total_s:.0f} s" if at is not None else ""
-            out.append(f"{unit or 'steps '}{a} -> {b}: the same plan with {unit}{a}{' steps' if not unit else ''}"
-                       f"{pred}, over the time budget of {budget_s or 0:.0f} s")  # fmt: skip
+        at = predict_time(pipeline, table, chosen.plan.replace(**{knob: a}), n_refs) if a != b else None
+        if at is not None:
+            out.append(f"{name} {a} -> {b}: with {name} {a} this plan is predicted at {at.total_s:.0f} s, "
+                       f"over the time budget of {budget_s or 0:.0f} s")  # fmt: skip
     for knob in ("cfg_mode", "vae_mode", "offload"):
         a, b = getattr(best.plan, knob), getattr(chosen.plan, knob)
         if a != b:
