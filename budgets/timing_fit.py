@@ -47,6 +47,8 @@ _DIFFUSION = (
     _t("sequential offload: UNet blocks streamed, per call", "unet_calls", offload=("sequential",)),
     _t("UNet conditional branch, per image and step", "cond_images"),
     _t("UNet unconditional branch, per image and refresh step", "uncond_images"),
+    _t("offload: reference states from pinned host memory, per conditional image and step", "cond_images",
+       offload=("model", "sequential")),
 )  # fmt: skip
 UP2YOU_TIME_TERMS: Mapping[str, tuple[TimeTerm, ...]] = {
     "segment": (_STARTUP, _t("fixed", "one"), _t("BiRefNet per photo", "n_refs")),
