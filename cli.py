@@ -82,6 +82,24 @@ def _duration(value: str) -> float:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _time_budget(value: str | None) -> float | None:
+    """`--time-budget 90s|10m|none`: seconds, or None for no time budget."""
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--time-budget") from None
+    if seconds <= 0:
+        raise typer.BadParameter(f"{value!r}: a time budget must be positive, like 90s or 10m",
+                                 param_hint="--time-budget")  # fmt: skip
+    return seconds
+
+
+TIME_BUDGET_HELP = ("Also fit the predicted run time: 90s, 10m (the planner raises the THG interval, then lowers "
+                    "steps, then views). Default: none.")
+
+
 def run_command(
     input_dir: Path = typer.Argument(..., help="Folder of photos of one person (JPEG/PNG)."),
     vram: str = typer.Option("auto", callback=_vram, help="Memory cap: SIZE (12GB = 12 x 2^30 bytes; GB, GiB, MB, "
@@ -112,6 +130,7 @@ def run_command(
     full_random: bool = typer.Option(False, "--full-random", hidden=True,
                                      help="Benchmarks: full-size architectures with random weights, no files."),
     set_fields: list[str] = typer.Option([], "--set", hidden=True, help="Benchmarks: fix a Plan field, KEY=VALUE."),
+    time_budget: str | None = typer.Option(None, "--time-budget", help=TIME_BUDGET_HELP),
 ) -> None:  # fmt: skip
     """Run UP2You on INPUT_DIR (photos of one person, or one folder of photos per person) within a GPU memory budget."""
     if prefer not in ("quality", "speed"):
@@ -125,6 +144,7 @@ def run_command(
         wait_for_vram_s=float(wait_for_vram), wait_for_siblings_s=float(wait_for_siblings), prefer=prefer, device=device,
         tiny=tiny, plan_only=plan, quiet=json_out,
         full_random=full_random, overrides=_overrides(set_fields),
+        time_budget_s=_time_budget(time_budget),
     )  # fmt: skip
     fleet = _fleet_options(gpus, jobs_per_gpu, backend, address)
     subjects = _subjects(input_dir, out)
@@ -166,7 +186,8 @@ def _print_plan(input_dir: Path, options: RunOptions, json_out: bool) -> None:
                           "budget_bytes": jp.budget.bytes, "budget_source": jp.budget.source,
                           "degradations": list(jp.choice.degradations),
                           "stages": {f.stage: {"predicted_bytes": f.prediction.total_bytes, "need_bytes": f.need_bytes}
-                                     for f in jp.choice.fits}}, indent=1))  # fmt: skip
+                                     for f in jp.choice.fits},
+                          "predicted_seconds": jp.choice.times.to_dict() if jp.choice.times else None}, indent=1))  # fmt: skip
         return
     con = Console()
     for line in input_notes(jp.inputs):
@@ -253,11 +274,12 @@ def plan_command(
     views: str = typer.Option("auto"), resolution: str = typer.Option("auto"),
     prefer: str = typer.Option("quality"), device: str = typer.Option("cuda"), tiny: bool = typer.Option(False),
     json_out: bool = typer.Option(False, "--json"),
+    time_budget: str | None = typer.Option(None, "--time-budget", help=TIME_BUDGET_HELP),
 ) -> None:  # fmt: skip
     """Print the plan for INPUT_DIR and run nothing (same as the main command with --plan)."""
     options = RunOptions(vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES, "--views")(views),
                          resolution=_auto_int(RESOLUTION_CHOICES, "--resolution")(resolution), prefer=prefer, device=device,
-                         tiny=tiny, plan_only=True)  # fmt: skip
+                         tiny=tiny, plan_only=True, time_budget_s=_time_budget(time_budget))  # fmt: skip
     _print_plan(input_dir, options, json_out)
 
 
@@ -301,6 +323,11 @@ def calibrate_command(
         err.print(f"[yellow]not measured: {f}[/yellow]")
     for stage, e in result.errors.items():
         err.print(f"  {stage:10s} worst fit error {e * 100:5.1f} %" if e == e else f"  {stage:10s} no rows")
+    tp = result.table.time.provenance if result.table.time else {}
+    if tp:
+        err.print(f"  time: worst fit error {100 * (tp.get('worst_fit_error') or 0):.0f} %; "
+                  f"{len(tp.get('not_fitted', []))} terms kept from the template, {len(tp.get('excluded_rows', []))} "
+                  "rows excluded (the table's time.provenance says which)")  # fmt: skip
     err.print(f"[green]table v{result.table.version} written to {result.path}[/green] ({result.wall_s:.0f} s)")
 
 

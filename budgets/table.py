@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from budgets.timing import TimeModel
 from stages.plan import Plan
 
 TABLES_DIR = Path(__file__).parent / "tables"
@@ -130,6 +131,7 @@ class BudgetTable:
     margin_fraction: float  # plus this fraction of the predicted allocator peak
     stages: Mapping[str, StageModel]
     path: str = ""
+    time: TimeModel | None = None  # predicted seconds per stage (budgets.timing); None in tables before v3
 
     def margin(self, allocator_bytes: float) -> int:
         return int(self.margin_bytes + self.margin_fraction * allocator_bytes)
@@ -141,7 +143,7 @@ class BudgetTable:
             "margin": {"bytes": self.margin_bytes, "fraction": self.margin_fraction},
             "stages": {s: {"notes": m.notes, "terms": [t.to_dict() for t in m.terms]}
                        for s, m in self.stages.items()},
-        }  # fmt: skip
+        } | ({"time": self.time.to_dict()} if self.time is not None else {})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ def table_from_dict(d: Mapping[str, Any], path: str = "") -> BudgetTable:
         name=d["name"], version=int(d["version"]), pipeline=d["pipeline"], provenance=d.get("provenance", {}),
         context_bytes=int(d["context_bytes"]), margin_bytes=int(d["margin"]["bytes"]),
         margin_fraction=float(d["margin"]["fraction"]), stages=stages, path=path,
+        time=TimeModel.from_dict(d["time"]) if "time" in d else None,
     )  # fmt: skip
 
 

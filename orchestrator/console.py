@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from budgets.timing import StageSeconds
 from orchestrator.ledger import LedgerView
 from orchestrator.planner import PlanChoice, StageFit
 from orchestrator.probe import GpuInfo
@@ -28,12 +29,29 @@ def _stage_knobs(pipeline: Pipeline, stage: str, choice: PlanChoice) -> str:
 
 
 def plan_table(pipeline: Pipeline, choice: PlanChoice, title: str) -> Table:
+    """One row per stage: knobs, predicted peak against the budget and, where the table has a time model,
+    predicted seconds; then the predicted total."""
+    times = choice.times
     t = Table(title=title, title_justify="left")
-    for col in ("stage", "knobs", "predicted peak", "budget"):
-        t.add_column(col, justify="right" if col in ("predicted peak", "budget") else "left")
+    for col in ("stage", "knobs", "predicted peak", "budget") + (("predicted time",) if times else ()):
+        t.add_column(col, justify="left" if col in ("stage", "knobs") else "right")
     for fit in choice.fits:
-        t.add_row(fit.stage, _stage_knobs(pipeline, fit.stage, choice), _need(fit), gib(choice.budget_bytes))
+        row = [fit.stage, _stage_knobs(pipeline, fit.stage, choice), _need(fit), gib(choice.budget_bytes)]
+        t.add_row(*row, *((_seconds(times.get(fit.stage)),) if times else ()))
+    if times:
+        t.add_row("total", "", "", "", f"{times.total_s:.0f} s", style="bold")
+        t.caption = "time: wall per stage, start-up that pre-start cannot hide in brackets; a machine's first " \
+                    "run also builds nvdiffrast (not included)"
+        t.caption_justify = "left"
     return t
+
+
+def _seconds(s: StageSeconds | None) -> str:
+    """`45 s (22 s start-up)`: the predicted wall, and the start-up pre-start could not hide."""
+    if s is None:
+        return "-"
+    unhidden = s.startup_s - s.hidden_s
+    return f"{s.wall_s:.0f} s" + (f" ({unhidden:.0f} s start-up)" if unhidden >= 0.5 else "")
 
 
 def _need(fit: StageFit) -> str:

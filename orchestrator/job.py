@@ -36,7 +36,9 @@ from orchestrator.outlock import OutputLock, OutputLocked
 from orchestrator.planner import (
     Constraints,
     NoPlanFits,
+    NoTimeModel,
     PlanChoice,
+    TimeBudgetTooShort,
     base_plan,
     candidates,
     choose_plan,
@@ -94,6 +96,7 @@ class RunOptions:
     plan_only: bool = False
     quiet: bool = False  # no progress lines (--json)
     table: Path | None = None  # another budget table file
+    time_budget_s: float | None = None  # --time-budget: the plan must also finish in this many seconds (predicted)
 
 
 @dataclass
@@ -146,7 +149,8 @@ class RunReport:
         for a in r.attempts if r else []:
             if a.outcome != "skipped":
                 measured[a.stage] = {"predicted_bytes": a.predicted_bytes, "measured_gpu_bytes": a.measured_gpu_bytes,
-                                     "measured_rss_bytes": a.measured_rss_bytes, "outcome": a.outcome}  # fmt: skip
+                                     "measured_rss_bytes": a.measured_rss_bytes, "outcome": a.outcome,
+                                     **self._seconds(a.stage, a.wall_s, final)}  # fmt: skip
         return {
             "ok": self.ok, "exit_code": self.exit_code, "message": self.message,
             "smoke_test": SMOKE_TEST if self.smoke_test else False,
@@ -158,12 +162,22 @@ class RunReport:
             "degradations": list(final.degradations) + [f"re-plan after {p.after_stage}: {p.reason}"
                                                         for p in (r.replans if r else [])],
             "predictions": plan_view, "predicted_vs_measured": measured,
+            "predicted_seconds": final.times.to_dict() if final.times else None,
             "attempts": [a.to_dict() for a in r.attempts] if r else [],
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
             "waits": [w.__dict__ for w in self.waits + (r.waits if r else [])],
             "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables, "weights": self.weights,
         }  # fmt: skip
+
+
+    def _seconds(self, stage: str, wall_s: float, choice: PlanChoice) -> dict[str, Any]:
+        """Predicted (the final plan's time model) vs measured seconds: the attempt's wall, the manifest's run."""
+        pred = choice.times.get(stage) if choice.times else None
+        run_s = ((JobDir(self.job_dir).read_manifest(stage) or {}).get("timings") or {}).get("run_s")
+        return {"predicted_wall_s": round(pred.wall_s, 2) if pred else None,
+                "predicted_run_s": round(pred.run_s, 2) if pred else None,
+                "measured_wall_s": round(wall_s, 2), "measured_run_s": round(run_s, 2) if run_s is not None else None}
 
 
 def default_out_dir(input_dir: Path) -> Path:
@@ -213,7 +227,8 @@ def plan_job(
         raise JobError(str(exc), EXIT_DISK_FULL) from None
     smoke = options.tiny
     constraints = Constraints(options.views or (6 if smoke else None), options.resolution or (256 if smoke else None),
-                              options.steps or (4 if smoke else None), options.thg_interval, options.prefer)
+                              options.steps or (4 if smoke else None), options.thg_interval, options.prefer,
+                              options.time_budget_s)  # fmt: skip
     profile = "tiny" if smoke else "full-random" if options.full_random else "real"
     base = base_plan(constraints, device="cuda:0" if options.device != "cpu" else "cpu", profile=profile,
                      weights_dir="" if options.full_random else str(_weights_dir(options)),
@@ -231,9 +246,13 @@ def plan_job(
     try:
         choice = choose_plan(pipeline, table, len(inputs.photos), budget.bytes, base, constraints,
                              corrections.factors())  # fmt: skip
+    except TimeBudgetTooShort as exc:
+        raise JobError(f"--time-budget {options.time_budget_s:g}s: {exc}", EXIT_USAGE) from None
     except NoPlanFits as exc:
         prefix = f"--vram {options.vram}: " if options.vram != "auto" else "the free GPU memory: "
         raise JobError(prefix + str(exc), EXIT_USAGE) from None
+    except NoTimeModel as exc:
+        raise JobError(f"--time-budget: {exc}", EXIT_USAGE) from None
     return JobPlan(inputs, budget, constraints, base, choice, corrections, table, ledger, waits)
 
 
