@@ -222,7 +222,7 @@ def _fleet_options(gpus: str, jobs_per_gpu: str, backend: str, address: str | No
                                  param_hint="--gpus")  # fmt: skip
     if backend != "ray" and address is not None:
         raise typer.BadParameter("--address is the Ray cluster's: use it with --backend ray", param_hint="--address")
-    return FleetOptions(gpus=selected, jobs_per_gpu=_auto_int(None)(jobs_per_gpu), backend=backend, address=address)
+    return FleetOptions(gpus=selected, jobs_per_gpu=_auto_int(None, "--jobs-per-gpu")(jobs_per_gpu), backend=backend, address=address)
 
 
 def _subjects(input_dir: Path, out: Path | None) -> list[Subject] | None:
