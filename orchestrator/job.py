@@ -28,6 +28,7 @@ from orchestrator.corrections import Corrections, cache_dir
 from orchestrator.inputs import EXIT_USAGE, InputError, InputSet, scan_inputs
 from orchestrator.outlock import OutputLock, OutputLocked
 from orchestrator.planner import Constraints, NoPlanFits, PlanChoice, base_plan, choose_plan
+from orchestrator.prestart import startup_report
 from orchestrator.probe import GpuInfo, NvmlProbe, Probe, ProbeError, select_gpu
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
@@ -138,6 +139,8 @@ class RunReport:
             "attempts": [a.to_dict() for a in r.attempts] if r else [],
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
+            "startup": startup_report(r.attempts, {a.stage: JobDir(self.job_dir).read_manifest(a.stage) or {}
+                                                   for a in r.attempts}) if r else {},
             "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables,
         }  # fmt: skip
 
