@@ -5,6 +5,7 @@
     up2you-budget plan --vram 8GB photos/        the same as --plan
     up2you-budget gpus                           what NVML sees: GPUs, free memory, processes
     up2you-budget calibrate --gpu 0 [--quick]    measure this GPU, write the next budget table
+    up2you-budget setup                          build nvdiffrast once for this machine (no job pays for it)
 
 The main command has a positional folder, which does not mix with click subcommands, so `main`
 dispatches on argv[1] itself: a word in SUBCOMMANDS selects that command, anything else is a run.
@@ -202,13 +203,25 @@ def calibrate_command(
     err.print(f"[green]table v{result.table.version} written to {result.path}[/green] ({result.wall_s:.0f} s)")
 
 
+def setup_command() -> None:
+    """One-time machine set-up: build nvdiffrast's CUDA plugin now, so that no job pays for it (~28 s)."""
+    import subprocess
+
+    err.print("building nvdiffrast (once per machine; about 30 s) ...")
+    proc = subprocess.run([sys.executable, "-m", "up2you.render.nvdiffrast_backend"], capture_output=True, text=True)
+    if proc.returncode != 0:  # the child says why in one line (no CUDA, no nvcc, a compiler error)
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise JobError(tail, EXIT_NO_DEVICE if proc.returncode == EXIT_NO_DEVICE else 1)
+    err.print(f"[green]{proc.stdout.strip()}[/green]")
+
+
 # Subcommands, selected by argv[1].
 SUBCOMMANDS: dict[str, Callable[..., None]] = {"gpus": gpus_command, "plan": plan_command,
-                                               "calibrate": calibrate_command}  # fmt: skip
+                                               "calibrate": calibrate_command, "setup": setup_command}  # fmt: skip
 
 
 def _app(command: Callable[..., None], name: str) -> typer.Typer:
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=command is not gpus_command)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=command not in (gpus_command, setup_command))
     app.command(name=name)(command)
     return app
 

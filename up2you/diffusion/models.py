@@ -20,6 +20,7 @@ from up2you.diffusion.adapter import AdapterBundle, build_pose_adapter
 from up2you.diffusion.processors import AttentionContext, MVRefAttnProcessor, install_processors
 from up2you.diffusion.scheduler import SD21_SCHEDULER_CONFIG
 from up2you.meta_init import materialize, meta_parameters
+from up2you.state_dict import check_keys
 
 # SD 2.1-base's UNet: 3 CrossAttnDown + DownBlock2D, UpBlock2D + 3 CrossAttnUp, linear projections.
 # (diffusers reads attention_head_dim as the number of heads for this model: 5/10/20/20 heads of 64.)
@@ -86,14 +87,37 @@ def load_sd21(folder: Path | str, adapter_file: Path | str) -> DiffusionModels:
 
     folder = Path(folder)
     local = dict(local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
+    unet = load_diffusers_model(UNet2DConditionModel, folder / "unet")
+    vae = load_diffusers_model(AutoencoderKL, folder / "vae")
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, **local)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **local)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     models = _attach_adapters(unet, vae, text_encoder, tokenizer, scheduler_config)
     models.bundle.load_file(adapter_file)
     return models
+
+
+def load_diffusers_model(cls: Any, folder: Path) -> nn.Module:
+    """A diffusers model from its folder (config.json + diffusion_pytorch_model.safetensors), strictly.
+
+    Built on `meta` and given the file's tensors by assignment: no default init (without `accelerate`
+    diffusers initialises every layer first, ~34 s for SD 2.1's UNet on a CPU) and no copy (safetensors
+    memory-maps the file; pages are read as they are used). Old files' attention key names are renamed
+    by diffusers' own `_fix_state_dict_keys_on_load`, as `from_pretrained` does.
+    """
+    from safetensors.torch import load_file
+
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    with meta_parameters():
+        model = cls.from_config(cls.load_config(folder, local_files_only=True))
+    state = load_file(str(weights))
+    rename = getattr(model, "_fix_state_dict_keys_on_load", None) or model._convert_deprecated_attention_blocks
+    rename(state)  # (the second name: diffusers before 0.33)
+    check_keys(model, state, str(weights))
+    own = dict(model.named_parameters())
+    state = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
 
 
 def random_sd21(seed: int = 0, materialize: bool = True) -> DiffusionModels:
