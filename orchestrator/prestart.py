@@ -33,6 +33,7 @@ MEASURED_RSS_PEAK: dict[str, int] = {
     "segment": 720 * 2**20, "features": 2150 * 2**20, "apose": 1620 * 2**20, "weights": 1420 * 2**20,
     "rgb": 6740 * 2**20, "normal": 5860 * 2**20, "mesh": 1760 * 2**20, "video": 1760 * 2**20,
 }  # fmt: skip
+HOST_EXPANSION = {"birefnet": 2}  # stored fp16, run in fp32 (as upstream): twice its file in host memory
 AHEAD_ENV = "UP2YOU_PRESTART_AHEAD"  # at most this many stages waiting ahead (default: default_ahead())
 
 
@@ -52,12 +53,12 @@ def available_host_memory() -> int:
 
 
 def checkpoint_bytes(spec: StageSpec, weights_dir: str) -> int:
-    """Bytes of the files a stage loads from `--weights` (0 for a file that is absent)."""
+    """Host bytes of the files a stage loads from `--weights` once loaded (0 for a file that is absent)."""
     total = 0
     for key in spec.checkpoints:
         path = checkpoints.resolve(weights_dir, key)
         files: Iterable[Path] = path.rglob("*") if path.is_dir() else [path]
-        total += sum(f.stat().st_size for f in files if f.is_file())
+        total += sum(f.stat().st_size for f in files if f.is_file()) * HOST_EXPANSION.get(key, 1)
     return total
 
 

@@ -54,6 +54,10 @@ def test_footprint_is_the_measured_peak_plus_the_files_a_real_run_reads(tmp_path
     unet.write_bytes(b"\0" * 5 * MiB)
     assert host_footprint(rgb, "real", str(tmp_path)) == prestart.MEASURED_RSS_PEAK["rgb"] + 8 * MiB
     assert host_footprint(UP2YOU["video"], "real", str(tmp_path)) == prestart.MEASURED_RSS_PEAK["video"]
+    matte = tmp_path / "BiRefNet" / "model.safetensors"  # stored fp16, run fp32: twice its size
+    matte.parent.mkdir()
+    matte.write_bytes(b"\0" * 1 * MiB)
+    assert host_footprint(UP2YOU["segment"], "real", str(tmp_path)) == prestart.MEASURED_RSS_PEAK["segment"] + 2 * MiB
 
 
 def test_two_stages_wait_ahead_in_the_memory_for_two_and_one_holds_the_gpu_at_a_time(
