@@ -20,7 +20,6 @@ from up2you.diffusion.adapter import AdapterBundle, build_pose_adapter
 from up2you.diffusion.processors import AttentionContext, MVRefAttnProcessor, install_processors
 from up2you.diffusion.scheduler import SD21_SCHEDULER_CONFIG
 from up2you.meta_init import materialize, meta_parameters
-from up2you.state_dict import check_keys
 
 # SD 2.1-base's UNet: 3 CrossAttnDown + DownBlock2D, UpBlock2D + 3 CrossAttnUp, linear projections.
 # (diffusers reads attention_head_dim as the number of heads for this model: 5/10/20/20 heads of 64.)
@@ -87,9 +86,11 @@ def load_sd21(folder: Path | str, adapter_file: Path | str) -> DiffusionModels:
 
     folder = Path(folder)
     local = dict(local_files_only=True)
-    unet = load_diffusers_model(UNet2DConditionModel, folder / "unet")
-    vae = load_diffusers_model(AutoencoderKL, folder / "vae")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, **local)
+    for module in (unet, vae, text_encoder):  # their parameters are the memory-mapped files
+        touch_pages(module.parameters())
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **local)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     models = _attach_adapters(unet, vae, text_encoder, tokenizer, scheduler_config)
@@ -97,27 +98,14 @@ def load_sd21(folder: Path | str, adapter_file: Path | str) -> DiffusionModels:
     return models
 
 
-def load_diffusers_model(cls: Any, folder: Path) -> nn.Module:
-    """A diffusers model from its folder (config.json + diffusion_pytorch_model.safetensors), strictly.
-
-    Built on `meta` and given the file's tensors by assignment: no default init (without `accelerate`
-    diffusers initialises every layer first, ~34 s for SD 2.1's UNet on a CPU) and no copy (safetensors
-    memory-maps the file; pages are read as they are used). Old files' attention key names are renamed
-    by diffusers' own `_fix_state_dict_keys_on_load`, as `from_pretrained` does.
-    """
-    from safetensors.torch import load_file
-
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    with meta_parameters():
-        model = cls.from_config(cls.load_config(folder, local_files_only=True))
-    state = load_file(str(weights))
-    rename = getattr(model, "_fix_state_dict_keys_on_load", None) or model._convert_deprecated_attention_blocks
-    rename(state)  # (the second name: diffusers before 0.33)
-    check_keys(model, state, str(weights))
-    own = dict(model.named_parameters())
-    state = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
+@torch.no_grad()
+def touch_pages(tensors: Any) -> None:
+    """Read one element per 4 KiB page of memory-mapped tensors (diffusers and transformers map the
+    safetensors files), so the files are read now, in `prepare` while an earlier stage runs, and not
+    page by page when `go` moves the weights to the GPU (from disk, on a first run)."""
+    for t in tensors:
+        if t.numel():
+            t.reshape(-1)[:: max(1, 4096 // t.element_size())].sum()
 
 
 def random_sd21(seed: int = 0, materialize: bool = True) -> DiffusionModels:
