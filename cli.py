@@ -11,6 +11,7 @@
     up2you-budget weights verify | where         check them / say where each one is found
     up2you-budget doctor [--json]                what stands between this machine and a real run
     up2you-budget demo [--device cpu]            the whole chain with tiny weights, no photos/GPU needed
+    up2you-budget setup                          build nvdiffrast once for this machine (no job pays for it)
 
 The main command has a positional folder, which does not mix with click subcommands, so `main`
 dispatches on argv[1] itself: a word in SUBCOMMANDS selects that command, anything else is a run.
@@ -458,10 +459,23 @@ def demo_command(
     err.print(f"[bold yellow]{NEXT_STEPS}[/bold yellow]", highlight=False, soft_wrap=True)
 
 
+def setup_command() -> None:
+    """One-time machine set-up: build nvdiffrast's CUDA plugin now, so that no job pays for it (~28 s)."""
+    import subprocess
+
+    err.print("building nvdiffrast (once per machine; about 30 s) ...")
+    proc = subprocess.run([sys.executable, "-m", "up2you.render.nvdiffrast_backend"], capture_output=True, text=True)
+    if proc.returncode != 0:  # the child says why in one line (no CUDA, no nvcc, a compiler error)
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise JobError(tail, EXIT_NO_DEVICE if proc.returncode == EXIT_NO_DEVICE else 1)
+    err.print(f"[green]{proc.stdout.strip()}[/green]")
+
+
 # Subcommands, selected by argv[1]; a word in SUBCOMMAND_VERBS also takes a verb from argv[2].
 SUBCOMMANDS: dict[str, Callable[..., None]] = {"gpus": gpus_command, "plan": plan_command,
                                                "calibrate": calibrate_command, "doctor": doctor_command,
-                                               "demo": demo_command, "ray-worker": ray_worker_command}  # fmt: skip
+                                               "demo": demo_command, "ray-worker": ray_worker_command,
+                                               "setup": setup_command}  # fmt: skip
 SUBCOMMAND_VERBS: dict[str, dict[str, Callable[..., None]]] = {
     "weights": {"fetch": weights_fetch_command, "verify": weights_verify_command, "where": weights_verify_command},
 }
@@ -469,7 +483,7 @@ SUBCOMMAND_VERBS: dict[str, dict[str, Callable[..., None]]] = {
 
 def _app(command: Callable[..., None], name: str) -> typer.Typer:
     no_args_help = command not in (gpus_command, doctor_command, demo_command, weights_fetch_command,
-                                   weights_verify_command)  # fmt: skip
+                                   weights_verify_command, setup_command)  # fmt: skip
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=no_args_help)
     app.command(name=name)(command)
     return app

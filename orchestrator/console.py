@@ -127,6 +127,8 @@ class ProgressPrinter:
         line = f"{a.stage} {a.outcome} in {a.wall_s:.1f} s, peak {gib(measured or 0)} ({what})"
         if a.hidden_startup_s > 0:
             line += f", {a.hidden_startup_s:.1f} s of start-up hidden"
+        if a.ready_s is not None and a.ready_s - a.started_s > 0.05:
+            line += f", {a.ready_s - a.started_s:.1f} s waited for its start-up"
         style = "green" if a.outcome == "ok" else "red"
         self.console.print(f"[{style}]{'✓' if a.outcome == 'ok' else '✗'} {line}[/{style}]"
                            + ("" if a.outcome == "ok" else f"\n  {a.message}"))  # fmt: skip

@@ -45,6 +45,7 @@ from orchestrator.planner import (
     evaluate,
     same_quality,
 )
+from orchestrator.prestart import startup_report
 from orchestrator.probe import GpuInfo, NoSuchGpu, Probe, ProbeError, default_probe, select_gpu
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
@@ -167,6 +168,8 @@ class RunReport:
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
             "waits": [w.__dict__ for w in self.waits + (r.waits if r else [])],
+            "startup": startup_report(r.attempts, {a.stage: JobDir(self.job_dir).read_manifest(a.stage) or {}
+                                                   for a in r.attempts}) if r else {},
             "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables, "weights": self.weights,
         }  # fmt: skip
 

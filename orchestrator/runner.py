@@ -1,9 +1,10 @@
 """Run a Pipeline's stages one process at a time; on out-of-memory, learn, re-plan and retry.
 
 The runner owns the loop and nothing else: planning is `orchestrator.planner`, the child protocol
-`orchestrator.process`, measuring `orchestrator.monitor`. While stage i runs, stage i+1's process is
-already importing and loading weights into host memory (pre-start); it gets `go` only after stage i
-has exited, so two stages never hold GPU memory at once.
+`orchestrator.process`, measuring `orchestrator.monitor`. While stage i runs, the processes of stage i+1
+and of as many stages after it as host memory holds (`orchestrator.prestart`) are already importing and
+loading weights into host memory (pre-start); each gets `go` only after the stage before it has exited,
+so two stages never hold GPU memory at once.
 
 On a shared GPU (a `Ledger` in the context) each GPU stage is admitted before `go`
 (`orchestrator.admission`): its predicted need is reserved host-wide, on the fastest memory-only
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from budgets.table import BudgetTable, predict
+from orchestrator import prestart
 from orchestrator.admission import SIBLING_WAIT_S, Admitter, StageGone, Wait, wait_kind
 from orchestrator.corrections import Corrections, oom_factor
 from orchestrator.ledger import Ledger, LedgerError, Reservation
@@ -138,6 +140,13 @@ class RunContext:
     job_id: str = ""
     vram_cap: int | None = None  # the user's --vram (None = auto: what is free and unreserved at admission)
     wait_for_siblings_s: float = SIBLING_WAIT_S
+    # at most this many stages waiting ahead, memory permitting (UP2YOU_PRESTART_AHEAD=N; default: cores - 1)
+    prestart_ahead: int = field(default_factory=lambda: _env_int(prestart.AHEAD_ENV, prestart.default_ahead()))
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else default
 
 
 class StageFailed(Exception):
@@ -171,6 +180,7 @@ class Runner:
         self.attempts: list[Attempt] = []
         self.replans: list[Replan] = []
         self.prestarted: dict[str, StageProcess] = {}
+        self.footprints: dict[str, int] | None = None
         self.running: StageProcess | None = None
         self.tries: Counter[str] = Counter()
         self.retries = 0
@@ -265,6 +275,31 @@ class Runner:
         return StageProcess(spec, self.ctx.job.root, self.ctx.weights_dir, self.choice.plan.profile, self.env,
                             self.ctx.job.path(spec.name, "log.txt"))  # fmt: skip
 
+    def _prestart_ahead(self, nxt: StageSpec | None, running: StageProcess) -> None:
+        """Start the processes of `nxt` and the stages after it that host memory holds (orchestrator.prestart)."""
+        if not self.ctx.prestart or nxt is None:
+            return
+        keys = self._keys(self.choice.plan)
+        upcoming = [s.name for s in self.ctx.pipeline.stages[self.ctx.pipeline.names.index(nxt.name):]
+                    if not self.ctx.job.is_done(s.name, keys[s.name])]  # fmt: skip
+        foot = self._footprints()
+        growth = prestart.pending_growth((prestart.process_rss(p.pids()), foot[p.spec.name])
+                                         for p in (running, *self.prestarted.values()))  # fmt: skip
+        waiting = sum(n in self.prestarted for n in upcoming)
+        picked = prestart.pick_prestarts([(n, foot[n]) for n in upcoming if n not in self.prestarted],
+                                         prestart.available_host_memory() - growth,
+                                         minimum=0 if nxt.name in self.prestarted else 1,
+                                         maximum=max(0, self.ctx.prestart_ahead - waiting))  # fmt: skip
+        for name in picked:
+            self.prestarted[name] = self._spawn(self.ctx.pipeline[name])
+
+    def _footprints(self) -> dict[str, int]:
+        """Host bytes each stage's process may hold (measured peaks + the files it reads), once per run."""
+        if self.footprints is None:
+            profile, weights = self.choice.plan.profile, self.ctx.weights_dir
+            self.footprints = {s.name: prestart.host_footprint(s, profile, weights) for s in self.ctx.pipeline.stages}
+        return self.footprints
+
     def _fit(self, stage: str) -> StageFit | None:
         return next((f for f in self.choice.fits if f.stage == stage), None)
 
@@ -350,8 +385,7 @@ class Runner:
         # sampling starts before `go`: a pre-started stage can finish before a late sampler sees it
         with MemorySampler(proc, self.ctx.probe, gpu_index, self.t0) as sampler:
             proc.go()
-            if self.ctx.prestart and nxt is not None and nxt.name not in self.prestarted:
-                self.prestarted[nxt.name] = self._spawn(nxt)
+            self._prestart_ahead(nxt, proc)
             while proc.poll() is None:
                 time.sleep(POLL_S)
         code = proc.finish()

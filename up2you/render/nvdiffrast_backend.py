@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,3 +105,42 @@ class NvdiffrastRasterizer:
     ) -> torch.Tensor:
         return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri.int().contiguous(),
                                   topology_hash=topology)
+
+
+class CannotBuild(RuntimeError):
+    """nvdiffrast cannot be built on this machine (no CUDA GPU, no nvcc, not installed); says why."""
+
+
+def build_nvdiffrast() -> tuple[Path, float]:
+    """Build (or find built) nvdiffrast's CUDA plugin once for this machine: (folder, seconds spent).
+
+    Raises CannotBuild with the reason and the fix when this machine cannot build it.
+    """
+    if not torch.cuda.is_available():
+        raise CannotBuild(f"torch {torch.__version__} sees no CUDA GPU, so there is nothing to build: runs on this "
+                          "machine use --device cpu (the pure-torch rasterizer)")  # fmt: skip
+    try:
+        import nvdiffrast  # noqa: F401
+    except ImportError:
+        raise CannotBuild("nvdiffrast is not installed: pip install -e '.[gpu]' (diffrp-nvdiffrast)") from None
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        raise CannotBuild(f"no CUDA toolkit (nvcc) found: install the one matching torch's CUDA {torch.version.cuda} "
+                          "and set CUDA_HOME")  # fmt: skip
+    _, seconds = load_nvdiffrast()
+    return extensions_dir(), seconds
+
+
+if __name__ == "__main__":  # `python -m up2you.render.nvdiffrast_backend`: `up2you-budget setup` runs this
+    try:
+        folder, spent = build_nvdiffrast()
+    except CannotBuild as exc:
+        print(f"cannot build nvdiffrast: {exc}", file=sys.stderr, flush=True)
+        sys.exit(69)  # stages.spec.EXIT_NO_DEVICE
+    except Exception as exc:  # noqa: BLE001 - a compiler error: its last line says most
+        lines = [s for s in str(exc).strip().splitlines() if s.strip()] or [type(exc).__name__]
+        print(f"nvdiffrast build failed: {lines[-1]}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    verb = f"built in {spent:.0f} s" if spent >= 1.0 else "already built"
+    print(f"nvdiffrast {verb} in {folder}", flush=True)
