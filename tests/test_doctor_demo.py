@@ -37,7 +37,7 @@ def test_doctor_names_the_missing_gpu_and_weights(no_gpu: None, capsys, tmp_path
     code, out, err = _run(capsys, "doctor", "--out", str(tmp_path))
     text = out + err
     assert code == 1 and "Traceback" not in text
-    summary = [ln for ln in text.splitlines() if ln.strip()][-1]  # the table's cells wrap; the summary does not
+    summary = [ln for ln in out.splitlines() if ln.strip()][-1]  # the table's cells wrap; the summary does not
     assert summary.startswith("not ready") and "NVML / NVIDIA driver" in summary
     assert "weights: 10 of 10 missing" in summary and "up2you-budget demo" in summary  # what runs without them
     assert "no GPU reachable" in text
