@@ -453,9 +453,9 @@ def demo_command(
     if not report.ok:
         err.print(f"[red]error:[/red] {report.message}\n  report: {report.out_dir / 'run.json'}")
         raise typer.Exit(report.exit_code)
-    err.print(f"[green]done in {report.wall_s:.0f} s[/green] -> {report.out_dir}")
-    for d in report.deliverables:
-        err.print(f"  {report.out_dir / d}")
+    err.print(f"[green]done in {report.wall_s:.0f} s[/green] -> {report.out_dir}", soft_wrap=True)
+    for d in report.deliverables:  # soft_wrap: a long path stays one line a script can read
+        err.print(f"  {report.out_dir / d}", highlight=False, soft_wrap=True)
     err.print(f"[bold yellow]{NEXT_STEPS}[/bold yellow]", highlight=False, soft_wrap=True)
 
 

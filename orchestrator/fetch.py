@@ -116,7 +116,7 @@ def _download(dest: Path, f: FetchFile) -> str:
 
     try:
         _download_hub_file(dest, f)
-    except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
+    except (HfHubHTTPError, LocalEntryNotFoundError, *_transport_errors()) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return (f"download of {f.repo}/{f.repo_path} failed ({first}); check the network (or HF_ENDPOINT/HF_TOKEN) "
                 "and run `up2you-budget weights fetch` again: it resumes")  # fmt: skip
@@ -124,6 +124,20 @@ def _download(dest: Path, f: FetchFile) -> str:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"download of {f.repo}/{f.repo_path} stopped ({first}); run `up2you-budget weights fetch` again: it resumes"
     return ""
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's connection errors (httpx2 in huggingface_hub 2.x, httpx or requests before)."""
+    import importlib
+
+    out: list[type[Exception]] = []
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests.exceptions", "RequestException")):  # fmt: skip
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
 
 
 def partial_path(dest: Path, f: FetchFile) -> Path:

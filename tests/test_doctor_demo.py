@@ -37,7 +37,7 @@ def test_doctor_names_the_missing_gpu_and_weights(no_gpu: None, capsys, tmp_path
     code, out, err = _run(capsys, "doctor", "--out", str(tmp_path))
     text = out + err
     assert code == 1 and "Traceback" not in text
-    summary = [ln for ln in text.splitlines() if ln.strip()][-1]  # the table's cells wrap; the summary does not
+    summary = [ln for ln in out.splitlines() if ln.strip()][-1]  # the table's cells wrap; the summary does not
     assert summary.startswith("not ready") and "NVML / NVIDIA driver" in summary
     assert "weights: 10 of 10 missing" in summary and "up2you-budget demo" in summary  # what runs without them
     assert "no GPU reachable" in text
@@ -70,9 +70,10 @@ def test_weights_verbs_and_bad_options(capsys, tmp_path: Path, monkeypatch: pyte
 
 @pytest.mark.slow
 def test_demo_on_cpu_in_a_fresh_folder(tmp_path: Path) -> None:
+    """About 2 minutes on two idle cores; the timeout only guards against a hang on a loaded machine."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", "import cli, sys; sys.exit(cli.main())", "demo", "--device", "cpu"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)  # fmt: skip
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1800)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "up2you_demo"
     assert (out / "mesh.obj").stat().st_size > 0 and (out / "mesh.glb").is_file()

@@ -114,6 +114,18 @@ def test_a_url_download_goes_through_torch_hub_and_a_short_file_is_refused(tmp_p
         assert not bad.ok and f"expected {len(body):,}" in bad.failed[0]
 
 
+def test_no_network_is_one_line_per_file_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    with FakeHub({}) as server:
+        url = server.url
+    monkeypatch.setenv("HF_ENDPOINT", url)  # nothing listens there any more
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    r = fetch(tmp_path, _files()[:1], accept_licence=True, console=_console())
+    assert not r.ok and len(r.failed) == 1
+    assert "rgb_adapter.safetensors" in r.failed[0] and "check the network" in r.failed[0]
+
+
 def test_only_names_unknown_keys() -> None:
     with pytest.raises(ValueError, match="unknown checkpoint; known: sd21"):
         select(["sd21", "nope"])
