@@ -23,7 +23,10 @@ BEST = "20 views, 768 px, batched VAE decode"
 
 
 def _neighbour_during(probe: SimulatedProbe, out: Path, nbytes: int, hold_s: float | None) -> threading.Thread:
-    """A foreign process takes `nbytes` once the `views` stage has its request, and gives it back after hold_s."""
+    """A foreign process takes `nbytes` once the `views` stage has its request, and gives it back hold_s after
+    the job has queued for memory (a ticket in the ledger), however slow the machine."""
+    from orchestrator.ledger import Ledger
+
     request = JobDir(out / "job").path("views", "request.msgpack")
 
     def neighbour() -> None:
@@ -32,6 +35,9 @@ def _neighbour_during(probe: SimulatedProbe, out: Path, nbytes: int, hold_s: flo
             time.sleep(0.02)
         probe.set_neighbour(0, nbytes)
         if hold_s is not None:
+            led = Ledger(probe=probe)
+            while not led.tickets(probe.gpus()[0].uuid) and time.monotonic() < deadline:
+                time.sleep(0.05)
             time.sleep(hold_s)
             probe.set_neighbour(0, 0)
 
@@ -85,14 +91,18 @@ def test_sibling_jobs_wait_for_each_other_and_both_finish_on_full_quality(tmp_pa
     # one card of 12.5 GiB shared by two job processes: one rgb stage at a time fits, never two
     gpus = tmp_path / "gpus.json"
     gpus.write_text(json.dumps({"gpus": [{"name": "Sim 12.5G", "uuid": "GPU-sibling", "total": "12.5GB"}]}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "UP2YOU_SIMULATED_GPUS": str(gpus), "FAKE_RUN_S": "rgb=3"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "UP2YOU_SIMULATED_GPUS": str(gpus), "FAKE_RUN_S": "rgb=6"}
     jobs = []
+    a_rgb = JobDir(tmp_path / "out_a" / "job").path("rgb", "request.msgpack")
     for name in ("a", "b"):
         photos = write_photos(tmp_path / f"photos_{name}")
         jobs.append(subprocess.Popen([sys.executable, "-m", "tests.fakestages.drive_shared", str(photos),
                                       str(tmp_path / f"out_{name}")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
-        time.sleep(1.0)
+        deadline = time.monotonic() + 180
+        while name == "a" and not a_rgb.exists():  # b starts while a's rgb holds most of the card
+            assert time.monotonic() < deadline and jobs[0].poll() is None, "job a never reached rgb"
+            time.sleep(0.05)
     outputs = [p.communicate(timeout=240) for p in jobs]
     for p, (stdout, stderr) in zip(jobs, outputs, strict=True):
         assert p.returncode == 0, stdout + stderr
@@ -101,8 +111,9 @@ def test_sibling_jobs_wait_for_each_other_and_both_finish_on_full_quality(tmp_pa
         assert rec["plan"]["views"] == 20 and rec["plan"]["resolution"] == 768  # no quality lost
         assert not [d for d in rec["degradations"] if d.startswith(("views", "resolution"))]
     waits = [w for rec in records for w in rec["waits"]]
-    assert waits and all(w["kind"] == "siblings" and w["outcome"] == "admitted" for w in waits)
-    assert any("job out_" in h for w in waits for h in w["holders"])  # it says which of our jobs it waited for
+    assert all(w["kind"] == "siblings" and w["outcome"] == "admitted" for w in waits)
+    # b could not even plan its full run while a's rgb held the card: it waited for a, and says so
+    assert any("job out_a (rgb" in h for w in records[1]["waits"] for h in w["holders"])
     # their rgb claims could not both fit the card: one of them waited for the other
     rgb = [next(a for a in rec["attempts"] if a["stage"] == "rgb" and a["outcome"] == "ok") for rec in records]
     assert all(a["reserved_bytes"] for a in rgb)
