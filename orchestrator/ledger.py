@@ -14,6 +14,8 @@ here trusts itself over NVML:
   setting aside what every earlier waiter needs, so a large request never starves behind small ones
   and, when memory comes back, one waiter takes it (the others still see it set aside or reserved).
   A ticket whose waiter stops polling for TICKET_LEASE_S is dropped; a waiter holds no reservation.
+  Reservations have no lease: a live process may hold its memory as long as it runs (a hung stage is
+  its runner's to stop), and a dead one's entry goes as described above.
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ class Ledger:
     def _locked(self, gpu_uuid: str) -> Iterator[dict]:
         """Read-modify-write of one GPU's file under its lock; the dict is written back on exit."""
         data_path, lock_path = self._paths(gpu_uuid)
-        lock = FileLock(str(lock_path), mode=0o666, timeout=LOCK_TIMEOUT_S)
+        lock = _file_lock(lock_path)
         try:
             with lock:
                 fd = _open_shared(data_path)
@@ -329,6 +331,14 @@ class Ledger:
     def all_gpus(self) -> list[str]:
         """UUIDs that have a ledger file here (for `gpus`)."""
         return sorted(p.stem for p in self.root.glob("*.json"))
+
+
+def _file_lock(path: Path) -> FileLock:
+    """An flock on `path`, created writable by every user (filelock < 3.10 has no `mode`: umask decides)."""
+    try:
+        return FileLock(str(path), mode=0o666, timeout=LOCK_TIMEOUT_S)
+    except TypeError:  # pragma: no cover - an old filelock, e.g. the one a preinstalled torch brought
+        return FileLock(str(path), timeout=LOCK_TIMEOUT_S)
 
 
 # --- the file: written in place under the lock (a sticky folder forbids replacing another user's file) ----

@@ -155,6 +155,11 @@ class SimulatedProbe:
         with self._lock:
             self._gpus[index].neighbour_bytes = used_bytes
 
+    def set_processes(self, index: int, processes: Collection[GpuProcess]) -> None:
+        """The processes NVML lists on GPU `index` (each holding its used_bytes)."""
+        with self._lock:
+            self._gpus[index].neighbours = list(processes)
+
     def gpus(self) -> list[GpuInfo]:
         with self._lock:
             out = []

@@ -166,6 +166,9 @@ def test_ctrl_c_to_the_orchestrator_leaves_no_child(photos, tmp_path) -> None:
     assert not _our_processes(str(out))
     # the signal reached the running stage (while importing, or as the harness's "interrupted")
     assert "nterrupt" in (out / "job" / "rgb" / "log.txt").read_text()
+    # and rgb's claim in the GPU ledger was given back, not left for a sweep
+    [ledger] = (tmp_path / "runtime").glob("*.json")
+    assert json.loads(ledger.read_text())["entries"] == []
 
 
 @pytest.mark.parametrize("stage", ["views"])
