@@ -7,6 +7,10 @@
     up2you-budget calibrate --gpu 0 [--quick]    measure this GPU, write the next budget table
     up2you-budget --vram 12GB subjects/          one folder per person: a queue over every GPU
     up2you-budget ray-worker --address HEAD:6379 join a Ray cluster, one raylet per GPU
+    up2you-budget weights fetch [--accept-smplx-license]   download and verify the released checkpoints
+    up2you-budget weights verify | where         check them / say where each one is found
+    up2you-budget doctor [--json]                what stands between this machine and a real run
+    up2you-budget demo [--device cpu]            the whole chain with tiny weights, no photos/GPU needed
 
 The main command has a positional folder, which does not mix with click subcommands, so `main`
 dispatches on argv[1] itself: a word in SUBCOMMANDS selects that command, anything else is a run.
@@ -15,23 +19,27 @@ dispatches on argv[1] itself: a word in SUBCOMMANDS selects that command, anythi
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.console import gpu_table, ledger_table, plan_table
 from orchestrator.fleet.queue import BACKENDS, FleetOptions, parse_gpus, run_fleet
 from orchestrator.fleet.subjects import Subject, detect_subjects
 from orchestrator.inputs import EXIT_USAGE, InputError
-from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, plan_job, run_job
+from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, input_notes, plan_job, run_job
 from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.probe import ProbeError, default_probe
 from orchestrator.sizes import gib, parse_duration, parse_size
 from orchestrator.testenv import job_doubles
+from stages.jobfs import shown
 from stages.plan import RESOLUTION_CHOICES, VIEW_CHOICES
 from stages.spec import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_NO_DEVICE, UP2YOU
 
@@ -47,16 +55,24 @@ def _vram(value: str) -> str:
     return value
 
 
-def _auto_int(choices: tuple[int, ...] | None) -> Callable[[str], int | None]:
+def _auto_int(choices: tuple[int, ...] | None, option: str) -> Callable[[str], int | None]:
     def parse(value: str) -> int | None:
         if value == "auto":
             return None
         if not value.isdigit() or int(value) < 1 or (choices and int(value) not in choices):
             allowed = "auto or " + ("|".join(map(str, choices)) if choices else "a positive integer")
-            raise typer.BadParameter(f"{value!r}: expected {allowed}")
+            raise typer.BadParameter(f"{value!r}: expected {allowed}", param_hint=option)
         return int(value)
 
     return parse
+
+
+def _steps(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise typer.BadParameter(f"{value!r}: expected a positive number of denoising steps, like 50", param_hint="--steps")
+    return int(value)
 
 
 def _duration(value: str) -> float:
@@ -64,6 +80,24 @@ def _duration(value: str) -> float:
         return parse_duration(value)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+def _time_budget(value: str | None) -> float | None:
+    """`--time-budget 90s|10m|none`: seconds, or None for no time budget."""
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--time-budget") from None
+    if seconds <= 0:
+        raise typer.BadParameter(f"{value!r}: a time budget must be positive, like 90s or 10m",
+                                 param_hint="--time-budget")  # fmt: skip
+    return seconds
+
+
+TIME_BUDGET_HELP = ("Also fit the predicted run time: 90s, 10m (the planner raises the THG interval, then lowers "
+                    "steps, then views). Default: none.")
 
 
 def run_command(
@@ -74,12 +108,14 @@ def run_command(
     out: Path | None = typer.Option(None, help="Output folder (default: <input>_up2you/ beside the input)."),
     views: str = typer.Option("auto", help=f"auto or {'|'.join(map(str, VIEW_CHOICES))}."),
     resolution: str = typer.Option("auto", help=f"auto or {'|'.join(map(str, RESOLUTION_CHOICES))}."),
-    steps: int | None = typer.Option(None, min=1, help="Denoising steps (default 50)."),
+    steps: str | None = typer.Option(None, help="Denoising steps (default 50)."),
     thg_interval: str = typer.Option("auto", help="Tortoise-and-Hare guidance interval: auto (3) or N."),
     weights: Path | None = typer.Option(None, help="Folder of released checkpoints (default ./weights)."),
     max_retries: int = typer.Option(3, min=0, help="Out-of-memory retries before giving up."),
     wait_for_vram: str = typer.Option("0", callback=_duration, help="Wait this long (90s, 10m) for memory another "
                                       "process holds, instead of lowering the plan."),
+    wait_for_siblings: str = typer.Option("1h", callback=_duration, help="Wait up to this long for memory our own "
+                                          "jobs on this host hold (they give it back), before lowering the plan."),
     prefer: str = typer.Option("quality", help="quality: never lose views/pixels while a memory knob fits; speed: "
                                "rather lose quality than offload."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -94,6 +130,7 @@ def run_command(
     full_random: bool = typer.Option(False, "--full-random", hidden=True,
                                      help="Benchmarks: full-size architectures with random weights, no files."),
     set_fields: list[str] = typer.Option([], "--set", hidden=True, help="Benchmarks: fix a Plan field, KEY=VALUE."),
+    time_budget: str | None = typer.Option(None, "--time-budget", help=TIME_BUDGET_HELP),
 ) -> None:  # fmt: skip
     """Run UP2You on INPUT_DIR (photos of one person, or one folder of photos per person) within a GPU memory budget."""
     if prefer not in ("quality", "speed"):
@@ -101,10 +138,13 @@ def run_command(
     if device not in ("cuda", "cpu"):
         raise typer.BadParameter(f"{device!r}: expected cuda or cpu", param_hint="--device")
     options = RunOptions(
-        vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES)(views), resolution=_auto_int(RESOLUTION_CHOICES)(resolution),
-        steps=steps, thg_interval=_auto_int(None)(thg_interval), weights=weights, max_retries=max_retries,
-        wait_for_vram_s=float(wait_for_vram), prefer=prefer, device=device, tiny=tiny, plan_only=plan, quiet=json_out,
+        vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES, "--views")(views),
+        resolution=_auto_int(RESOLUTION_CHOICES, "--resolution")(resolution),
+        steps=_steps(steps), thg_interval=_auto_int(None, "--thg-interval")(thg_interval), weights=weights, max_retries=max_retries,
+        wait_for_vram_s=float(wait_for_vram), wait_for_siblings_s=float(wait_for_siblings), prefer=prefer, device=device,
+        tiny=tiny, plan_only=plan, quiet=json_out,
         full_random=full_random, overrides=_overrides(set_fields),
+        time_budget_s=_time_budget(time_budget),
     )  # fmt: skip
     fleet = _fleet_options(gpus, jobs_per_gpu, backend, address)
     subjects = _subjects(input_dir, out)
@@ -134,7 +174,8 @@ def run_command(
         if report.smoke_test:
             err.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
     else:
-        err.print(f"[red]error:[/red] {report.message}\n  report: {report.out_dir / 'run.json'}")
+        err.print(f"[red]error:[/red] {escape(shown(report.message))}\n  report: {escape(str(report.out_dir / 'run.json'))}",
+                  highlight=False, soft_wrap=True)
     raise typer.Exit(report.exit_code)
 
 
@@ -145,11 +186,12 @@ def _print_plan(input_dir: Path, options: RunOptions, json_out: bool) -> None:
                           "budget_bytes": jp.budget.bytes, "budget_source": jp.budget.source,
                           "degradations": list(jp.choice.degradations),
                           "stages": {f.stage: {"predicted_bytes": f.prediction.total_bytes, "need_bytes": f.need_bytes}
-                                     for f in jp.choice.fits}}, indent=1))  # fmt: skip
+                                     for f in jp.choice.fits},
+                          "predicted_seconds": jp.choice.times.to_dict() if jp.choice.times else None}, indent=1))  # fmt: skip
         return
     con = Console()
-    for p in jp.inputs.ignored:
-        con.print(f"note: {p.name} is not an image, ignored")
+    for line in input_notes(jp.inputs):
+        con.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
     if options.tiny:
         con.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
     con.print(plan_table(UP2YOU, jp.choice, f"plan: {jp.choice.candidate.label} — budget {jp.budget.source}"))
@@ -180,7 +222,7 @@ def _fleet_options(gpus: str, jobs_per_gpu: str, backend: str, address: str | No
                                  param_hint="--gpus")  # fmt: skip
     if backend != "ray" and address is not None:
         raise typer.BadParameter("--address is the Ray cluster's: use it with --backend ray", param_hint="--address")
-    return FleetOptions(gpus=selected, jobs_per_gpu=_auto_int(None)(jobs_per_gpu), backend=backend, address=address)
+    return FleetOptions(gpus=selected, jobs_per_gpu=_auto_int(None, "--jobs-per-gpu")(jobs_per_gpu), backend=backend, address=address)
 
 
 def _subjects(input_dir: Path, out: Path | None) -> list[Subject] | None:
@@ -232,11 +274,12 @@ def plan_command(
     views: str = typer.Option("auto"), resolution: str = typer.Option("auto"),
     prefer: str = typer.Option("quality"), device: str = typer.Option("cuda"), tiny: bool = typer.Option(False),
     json_out: bool = typer.Option(False, "--json"),
+    time_budget: str | None = typer.Option(None, "--time-budget", help=TIME_BUDGET_HELP),
 ) -> None:  # fmt: skip
     """Print the plan for INPUT_DIR and run nothing (same as the main command with --plan)."""
-    options = RunOptions(vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES)(views),
-                         resolution=_auto_int(RESOLUTION_CHOICES)(resolution), prefer=prefer, device=device,
-                         tiny=tiny, plan_only=True)  # fmt: skip
+    options = RunOptions(vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES, "--views")(views),
+                         resolution=_auto_int(RESOLUTION_CHOICES, "--resolution")(resolution), prefer=prefer, device=device,
+                         tiny=tiny, plan_only=True, time_budget_s=_time_budget(time_budget))  # fmt: skip
     _print_plan(input_dir, options, json_out)
 
 
@@ -280,6 +323,11 @@ def calibrate_command(
         err.print(f"[yellow]not measured: {f}[/yellow]")
     for stage, e in result.errors.items():
         err.print(f"  {stage:10s} worst fit error {e * 100:5.1f} %" if e == e else f"  {stage:10s} no rows")
+    tp = result.table.time.provenance if result.table.time else {}
+    if tp:
+        err.print(f"  time: worst fit error {100 * (tp.get('worst_fit_error') or 0):.0f} %; "
+                  f"{len(tp.get('not_fitted', []))} terms kept from the template, {len(tp.get('excluded_rows', []))} "
+                  "rows excluded (the table's time.provenance says which)")  # fmt: skip
     err.print(f"[green]table v{result.table.version} written to {result.path}[/green] ({result.wall_s:.0f} s)")
 
 
@@ -310,14 +358,119 @@ def ray_worker_command(
         raise typer.Exit(start_raylets(plan))
 
 
-# Subcommands, selected by argv[1].
+def weights_fetch_command(
+    to: Path | None = typer.Option(None, "--to", help="Weights folder to fill (default: --weights resolution: "
+                                   "$UP2YOU_WEIGHTS, else ./weights)."),
+    only: list[str] = typer.Option([], "--only", help="Fetch only these checkpoints (repeatable): "
+                                   "sd21, rgb_adapter, normal_adapter, shape_predictor, feature_aggregator, dinov2, "
+                                   "birefnet, smplx, mano_ids, smplx_lmkid."),
+    accept_smplx_license: bool = typer.Option(False, "--accept-smplx-license", help="You accept the SMPL-X licence "
+                                              "(smpl-x.is.tue.mpg.de/modellicense.html): fetch the SMPL-X files too."),
+) -> None:  # fmt: skip
+    """Download exactly the files the stages read, verify their size and sha256; a rerun resumes / does nothing."""
+    from orchestrator.fetch import fetch, fetch_files, licence_notice, select
+    from orchestrator.weightfiles import folder_candidates
+    from stages.spec import EXIT_MISSING_WEIGHTS
+
+    try:
+        downloads = select(only)
+    except ValueError as exc:
+        raise JobError(str(exc), EXIT_USAGE) from None
+    dest = (to.expanduser().resolve() if to else folder_candidates(None)[0].path)
+    err.print(f"weights folder: {dest}")
+    result = fetch(dest, fetch_files(downloads), accept_smplx_license, err)
+    for v in result.verified:
+        err.print(f"  [green]ok[/green] {v.path} ({v.checked}{': ' + v.sha256[:12] + '…' if v.sha256 else ''})",
+                  highlight=False)  # fmt: skip
+    for line in result.failed:
+        err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+    if result.not_accepted:
+        err.print(f"[yellow]{licence_notice(result.not_accepted)}[/yellow]", highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(EXIT_MISSING_WEIGHTS)
+    err.print(f"[green]{len(result.fetched)} file(s) fetched, {len(result.verified)} verified[/green] in {dest}")
+
+
+def weights_verify_command(
+    weights: Path | None = typer.Option(None, help="Folder of released checkpoints (default: the usual resolution)."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:  # fmt: skip
+    """Where each checkpoint is found (--weights, $UP2YOU_WEIGHTS, ./weights, the HF cache) and whether it verifies."""
+    from orchestrator.weightfiles import resolve, verify_checkpoint, weights_record
+    from stages.spec import EXIT_MISSING_WEIGHTS
+
+    res = resolve(weights)
+    checks = {k: verify_checkpoint(k, res.root, hash_unknown=True) for k in res.found}
+    if json_out:
+        print(json.dumps(weights_record(res, checks), indent=1))
+    else:
+        for key, found in res.found.items():
+            bad = [v.problem for v in checks[key] if not v.ok]
+            mark = "[red]FIX[/red]" if bad else "[green]ok[/green]"
+            err.print(f"{mark} {key:18s} {found.location.label}: {found.path}", highlight=False)
+            for line in bad:
+                err.print(f"    {line}", highlight=False, soft_wrap=True)
+        for key in res.missing:
+            err.print(f"[red]missing[/red] {key:14s} get it with `up2you-budget weights fetch --only {key}`",
+                      highlight=False)  # fmt: skip
+    if res.missing or any(not v.ok for vs in checks.values() for v in vs):
+        raise typer.Exit(EXIT_MISSING_WEIGHTS)
+
+
+def doctor_command(
+    out: Path = typer.Option(Path("."), help="Where outputs will go (checked for free disk)."),
+    weights: Path | None = typer.Option(None, help="Folder of released checkpoints (default: the usual resolution)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON on stdout."),
+) -> None:  # fmt: skip
+    """One row per check (GPU, driver, torch CUDA, nvdiffrast, weights, disk, RAM, ffmpeg); exit 0 only when ready."""
+    from orchestrator import doctor
+
+    if not json_out:
+        err.print("checking (the first check of real weights hashes them: up to a minute) ...")
+    rows = doctor.run_checks(out, weights)
+    ok = doctor.ready(rows)
+    if json_out:
+        print(json.dumps({"ready": ok, "checks": [r.to_dict() for r in rows],
+                          "tiny_skips": [doctor.SKIPPED_BY_TINY, doctor.SKIPPED_BY_TINY_CPU]}, indent=1))  # fmt: skip
+    else:
+        Console().print(doctor.table(rows))
+        Console().print(doctor.summary(rows), highlight=False, soft_wrap=True)
+    if not ok:
+        raise typer.Exit(doctor.EXIT_NOT_READY)
+
+
+def demo_command(
+    out: Path = typer.Option(Path("up2you_demo"), help="Folder for the synthetic photos and every output."),
+    device: str = typer.Option("auto", help="auto (a usable CUDA GPU, else cpu), cpu or cuda."),
+) -> None:  # fmt: skip
+    """Run the whole chain on synthetic photos with tiny random weights: no photos, weights or GPU needed."""
+    from orchestrator.demo import NEXT_STEPS, run_demo
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"{device!r}: expected auto, cpu or cuda", param_hint="--device")
+    report = run_demo(out, device, err)
+    if not report.ok:
+        err.print(f"[red]error:[/red] {report.message}\n  report: {report.out_dir / 'run.json'}")
+        raise typer.Exit(report.exit_code)
+    err.print(f"[green]done in {report.wall_s:.0f} s[/green] -> {report.out_dir}")
+    for d in report.deliverables:
+        err.print(f"  {report.out_dir / d}")
+    err.print(f"[bold yellow]{NEXT_STEPS}[/bold yellow]", highlight=False, soft_wrap=True)
+
+
+# Subcommands, selected by argv[1]; a word in SUBCOMMAND_VERBS also takes a verb from argv[2].
 SUBCOMMANDS: dict[str, Callable[..., None]] = {"gpus": gpus_command, "plan": plan_command,
-                                               "calibrate": calibrate_command,
-                                               "ray-worker": ray_worker_command}  # fmt: skip
+                                               "calibrate": calibrate_command, "doctor": doctor_command,
+                                               "demo": demo_command, "ray-worker": ray_worker_command}  # fmt: skip
+SUBCOMMAND_VERBS: dict[str, dict[str, Callable[..., None]]] = {
+    "weights": {"fetch": weights_fetch_command, "verify": weights_verify_command, "where": weights_verify_command},
+}
 
 
 def _app(command: Callable[..., None], name: str) -> typer.Typer:
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=command is not gpus_command)
+    no_args_help = command not in (gpus_command, doctor_command, demo_command, weights_fetch_command,
+                                   weights_verify_command)  # fmt: skip
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=no_args_help)
     app.command(name=name)(command)
     return app
 
@@ -330,25 +483,47 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in SUBCOMMANDS:
         name, command = f"up2you-budget {args[0]}", SUBCOMMANDS[args[0]]
         args = args[1:]
+    elif args and args[0] in SUBCOMMAND_VERBS:
+        verbs = SUBCOMMAND_VERBS[args[0]]
+        if len(args) < 2 or args[1] not in verbs:
+            err.print(f"usage: up2you-budget {args[0]} {'|'.join(verbs)} [OPTIONS] (--help for each)")
+            return EXIT_USAGE
+        name, command = f"up2you-budget {args[0]} {args[1]}", verbs[args[1]]
+        args = args[2:]
     click_cmd = typer.main.get_command(_app(command, name))
     try:
         code = click_cmd.main(args=args, prog_name=name, standalone_mode=False)
         return code if isinstance(code, int) else 0
     except JobError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(shown(str(exc)))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE:
+            raise
+        # the orchestrator's own writes (run.json, a request) failed; every finished stage is kept (atomic writes)
+        where = f" {exc.filename}" if exc.filename else ""
+        err.print(f"error: cannot write{where}: {os.strerror(exc.errno or 0)}; free space (or pass --out on another "
+                  "disk) and rerun: finished stages are kept", highlight=False, soft_wrap=True, markup=False)  # fmt: skip
+        return EXIT_DISK_FULL
     except Exception as exc:
-        # click's usage errors (click itself, or the copy newer typer vendors) know how to show themselves
-        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
-        if callable(show) and isinstance(code, int):
-            show()
+        # click's usage errors (click itself, or the copy newer typer vendors): one line, like ours
+        fmt, code = getattr(exc, "format_message", None), getattr(exc, "exit_code", None)
+        if callable(fmt) and isinstance(code, int):
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show()  # type: ignore[attr-defined]
+                return code or EXIT_USAGE
+            text = " ".join(str(fmt()).split())
+            err.print(f"error: {text} (see {name} --help)", highlight=False, soft_wrap=True, markup=False)
             return code or EXIT_USAGE
         raise
+
+
+_UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,12 @@ from budgets import comfy_heuristic  # noqa: E402
 from budgets.table import BudgetTable, load_table, predict  # noqa: E402
 from orchestrator.calibrate import write_photos  # noqa: E402
 from orchestrator.job import RunOptions, run_job  # noqa: E402
+from orchestrator.planner import predict_time  # noqa: E402
 from orchestrator.probe import NvmlProbe  # noqa: E402
 from orchestrator.runner import PRESTART_ENV  # noqa: E402
 from stages.jobfs import JobDir  # noqa: E402
 from stages.plan import Plan  # noqa: E402
+from stages.spec import UP2YOU  # noqa: E402
 
 GiB = 2**30
 RUNS = ("uncapped", "12GB", "8GB", "6GB", "cfg", "noprestart", "neighbour")
@@ -76,6 +78,7 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
     plan = r.choice.plan if r else report.choice.plan
     job = JobDir(report.job_dir)
     stages: dict[str, Any] = {}
+    times = predict_time(UP2YOU, table, plan, report.n_photos)  # the table's time model, a fresh pre-started run
     for a in r.attempts if r else []:
         if a.outcome == "skipped":
             continue
@@ -93,6 +96,10 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
             "hidden_startup_s": round(a.hidden_startup_s, 3),
             "denoise_s": ex.get("diffusion_denoise_s"), "nfe": ex.get("diffusion_nfe"),
         }  # fmt: skip
+        pt = times.get(a.stage) if times else None
+        if pt is not None:
+            row |= {"predicted_wall_s": round(pt.wall_s, 3), "predicted_run_s": round(pt.run_s, 3),
+                    "time_error_pct": _err(pt.wall_s, a.wall_s)}  # fmt: skip
         if a.stage in DIFFUSION:
             p = Plan.from_dict(m["plan"]) if m.get("plan") else plan
             comfy = comfy_heuristic.diffusion_stage_bytes(
@@ -114,6 +121,7 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
         "prepare_s": round(sum(s["prepare_s"] or 0.0 for s in stages.values()), 3),
         "hidden_startup_s": round(sum(s["hidden_startup_s"] for s in stages.values()), 3),
         "peak_nvml_bytes": max((s["measured_nvml_bytes"] or 0 for s in stages.values()), default=0),
+        "predicted_total_s": round(times.total_s, 3) if times else None,
     }  # fmt: skip
 
 
@@ -152,25 +160,34 @@ def goals(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         g["overhead_ok"] = (runs["uncapped"]["overhead_pct"] or 100) <= 5
     if "noprestart" in runs:
         g["overhead_pct_no_prestart"] = runs["noprestart"]["overhead_pct"]
+    terrs = [abs(s["time_error_pct"]) for r in runs.values() for s in r["stages"].values()
+             if s.get("time_error_pct") is not None and s["attempt"] == 1]  # fmt: skip
+    if terrs:  # predicted vs measured stage wall (retried stages are started afresh: not what the plan predicts)
+        g["time_max_abs_error_pct"] = max(terrs)
+        g["time_within_15pct"] = round(sum(e <= 15 for e in terrs) / len(terrs), 3)
     return g
 
 
 def print_table(runs: dict[str, dict[str, Any]]) -> None:
     t = Table(title="predicted vs NVML-measured peak per stage (GiB), time (s)")
-    for col in ("run", "plan", "stage", "pred", "meas", "err %", "comfy", "comfy err %", "wall s"):
+    for col in ("run", "plan", "stage", "pred", "meas", "err %", "comfy", "comfy err %", "wall s", "pred s"):
         t.add_column(col, justify="right" if col not in ("run", "plan", "stage") else "left")
     for name, r in runs.items():
         for i, (stage, s) in enumerate(r["stages"].items()):
             t.add_row(name if i == 0 else "", r["plan_label"] if i == 0 else "", stage, _g(s["predicted_bytes"]),
                       _g(s["measured_nvml_bytes"]), _n(s["error_pct"]), _g(s.get("comfy_bytes")),
-                      _n(s.get("comfy_error_pct")), f"{s['wall_s']:.1f}")  # fmt: skip
+                      _n(s.get("comfy_error_pct")), f"{s['wall_s']:.1f}", _s(s.get("predicted_wall_s")))  # fmt: skip
         t.add_row("", f"total {r['wall_s']:.1f} s, overhead {r['overhead_s']:.1f} s ({r['overhead_pct']} %)",
-                  "", "", "", "", "", "", "", end_section=True)  # fmt: skip
+                  "", "", "", "", "", "", "", _s(r.get("predicted_total_s")), end_section=True)  # fmt: skip
     con.print(t)
 
 
 def _g(b: float | None) -> str:
     return f"{b / GiB:.2f}" if b else "-"
+
+
+def _s(v: float | None) -> str:
+    return f"{v:.1f}" if v is not None else "-"
 
 
 def _n(v: float | None) -> str:

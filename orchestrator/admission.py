@@ -24,12 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.ledger import Ledger, LedgerView, Reservation, Ticket
+from orchestrator.ledger import Ledger, LedgerView, Reservation, Ticket, process_start
 from orchestrator.probe import GpuInfo, Probe
 from orchestrator.sizes import gib
 
 SIBLING_WAIT_S = 3600.0  # default bound on waiting for our own jobs (they finish; a hung one must not block)
 POLL_MIN_S, POLL_MAX_S = 0.2, 2.0  # backoff between polls (well inside the ledger's ticket lease)
+
+
+class StageGone(Exception):
+    """The stage process ended before it was admitted (it failed while starting): nothing to reserve for."""
 
 
 @dataclass
@@ -99,6 +103,8 @@ class Admitter:
         self.on_event = on_event
         self.sleep = sleep
         self.waits: list[Wait] = []
+        self.last_kind = ""  # what the last admit call found holding the memory: siblings | foreign
+        self.last_wait: Wait | None = None  # the wait of the last admit call, if it waited
 
     def _gpu(self) -> GpuInfo:
         if self.probe is not None:
@@ -108,16 +114,21 @@ class Admitter:
         return self.gpu
 
     def admit(self, stage: str, pid: int, sizes: Sequence[int], cap: int | None = None) -> Reservation | None:
-        """Reserve the first of `sizes` that fits, waiting as the module docstring says; None = limit reached."""
+        """Reserve the first of `sizes` that fits, waiting as the module docstring says; None = limit reached.
+
+        Raises StageGone if process `pid` ends meanwhile (its exit code tells why, not the ledger)."""
         least = min(sizes)
         if cap is not None and least > cap:
             return None
         ticket: Ticket | None = None
         waited = {"siblings": 0.0, "foreign": 0.0}
         record: Wait | None = None
+        self.last_wait, self.last_kind = None, ""
         delay = POLL_MIN_S
         try:
             while True:
+                if process_start(pid) is None:
+                    raise StageGone(pid)
                 gpu = self._gpu()
                 r = self.ledger.reserve_first_fit(gpu, self.job_id, stage, pid, sizes, ticket=ticket,
                                                   keep_free=self.keep_free, cap=cap)  # fmt: skip
@@ -127,7 +138,7 @@ class Admitter:
                         record.outcome = "admitted"
                     return r
                 view = self.ledger.view(gpu)
-                kind = wait_kind(view, self.job_id, least, self.keep_free)
+                kind = self.last_kind = wait_kind(view, self.job_id, least, self.keep_free)
                 limit = self.wait_for_siblings_s if kind == "siblings" else self.wait_for_vram_s
                 if waited[kind] >= limit:
                     if record is not None:
@@ -140,6 +151,7 @@ class Admitter:
                     record = Wait(stage, 0.0, kind, least, view.available(self.job_id), holders(view, self.job_id),
                                   message=line)  # fmt: skip
                     self.waits.append(record)
+                    self.last_wait = record
                     self.on_event("wait", line)
                 elif record.kind != kind:
                     record.kind = "both"

@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from budgets.timing import StageSeconds
 from orchestrator.ledger import LedgerView
 from orchestrator.planner import PlanChoice, StageFit
 from orchestrator.probe import GpuInfo
@@ -27,12 +29,29 @@ def _stage_knobs(pipeline: Pipeline, stage: str, choice: PlanChoice) -> str:
 
 
 def plan_table(pipeline: Pipeline, choice: PlanChoice, title: str) -> Table:
+    """One row per stage: knobs, predicted peak against the budget and, where the table has a time model,
+    predicted seconds; then the predicted total."""
+    times = choice.times
     t = Table(title=title, title_justify="left")
-    for col in ("stage", "knobs", "predicted peak", "budget"):
-        t.add_column(col, justify="right" if col in ("predicted peak", "budget") else "left")
+    for col in ("stage", "knobs", "predicted peak", "budget") + (("predicted time",) if times else ()):
+        t.add_column(col, justify="left" if col in ("stage", "knobs") else "right")
     for fit in choice.fits:
-        t.add_row(fit.stage, _stage_knobs(pipeline, fit.stage, choice), _need(fit), gib(choice.budget_bytes))
+        row = [fit.stage, _stage_knobs(pipeline, fit.stage, choice), _need(fit), gib(choice.budget_bytes)]
+        t.add_row(*row, *((_seconds(times.get(fit.stage)),) if times else ()))
+    if times:
+        t.add_row("total", "", "", "", f"{times.total_s:.0f} s", style="bold")
+        t.caption = "time: wall per stage, start-up that pre-start cannot hide in brackets; a machine's first " \
+                    "run also builds nvdiffrast (not included)"
+        t.caption_justify = "left"
     return t
+
+
+def _seconds(s: StageSeconds | None) -> str:
+    """`45 s (22 s start-up)`: the predicted wall, and the start-up pre-start could not hide."""
+    if s is None:
+        return "-"
+    unhidden = s.startup_s - s.hidden_s
+    return f"{s.wall_s:.0f} s" + (f" ({unhidden:.0f} s start-up)" if unhidden >= 0.5 else "")
 
 
 def _need(fit: StageFit) -> str:
@@ -55,24 +74,21 @@ def ledger_table(views: list[LedgerView]) -> Table:
     """What up2you-budget jobs on this host have claimed, per GPU, and who waits (the ledger)."""
     from orchestrator.admission import job_label
 
-    t = Table(title="GPU ledger (reservations of up2you-budget jobs on this host)", title_justify="left")
-    for col in ("GPU", "free and unreserved", "job", "stage", "pid", "reserved", "allocated (NVML)", "since"):
-        t.add_column(col, justify="right" if col in ("reserved", "allocated (NVML)", "since") else "left")
+    caption = "; ".join(f"GPU {v.gpu.index}: {gib(v.available())} free and unreserved" for v in views)
+    t = Table(title="GPU ledger (up2you-budget jobs on this host)", title_justify="left", caption=caption,
+              caption_justify="left")  # fmt: skip
+    for col in ("GPU", "job", "stage", "state", "pid", "reserved", "allocated", "age"):
+        t.add_column(col, justify="right" if col in ("reserved", "allocated", "age") else "left",
+                     overflow="fold")  # fmt: skip
     now = time.time()
     for v in views:
-        first = True
         for h in v.holdings:
             r = h.reservation
-            t.add_row(str(v.gpu.index) if first else "", gib(v.available()) if first else "", job_label(r.job_id),
-                      r.stage, str(r.pid) + ("" if h.alive else " (exited)"), gib(r.nbytes), gib(h.allocated),
-                      f"{now - r.created:.0f} s")  # fmt: skip
-            first = False
+            t.add_row(str(v.gpu.index), job_label(r.job_id), r.stage, "running" if h.alive else "exited",
+                      str(r.pid), gib(r.nbytes), gib(h.allocated), f"{now - r.created:.0f} s")  # fmt: skip
         for k in v.tickets:
-            t.add_row(str(v.gpu.index) if first else "", gib(v.available()) if first else "", job_label(k.job_id),
-                      f"{k.stage} (waiting #{k.number})", str(k.pid), gib(k.nbytes), "-", f"{now - k.created:.0f} s")  # fmt: skip
-            first = False
-        if first:
-            t.add_row(str(v.gpu.index), gib(v.available()), "-", "-", "-", "-", "-", "-")
+            t.add_row(str(v.gpu.index), job_label(k.job_id), k.stage, f"waiting #{k.number}", str(k.pid),
+                      gib(k.nbytes), "-", f"{now - k.created:.0f} s")  # fmt: skip
     return t
 
 
@@ -103,7 +119,7 @@ class ProgressPrinter:
             free, budget = payload
             c.print(f"[yellow]… waiting for GPU memory: {gib(free)} free, budget {gib(budget)}[/yellow]")
         elif kind == "wait":  # once per wait: who holds the GPU, how much is missing
-            c.print(f"[yellow]… {payload}[/yellow]", highlight=False)
+            c.print(f"[yellow]… {escape(payload)}[/yellow]", highlight=False)
 
     def _end(self, a: Attempt) -> None:
         measured = a.measured_gpu_bytes if a.measured_gpu_bytes is not None else a.measured_rss_bytes

@@ -8,10 +8,13 @@ code — and returns a `RunReport` once stages ran, whether they all succeeded o
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,28 +24,33 @@ from typing import Any
 
 import psutil
 from rich.console import Console
+from rich.markup import escape
 
 from budgets.table import BudgetTable, load_table
 from orchestrator.admission import SIBLING_WAIT_S, Wait, holders, wait_kind, wait_line
 from orchestrator.console import ProgressPrinter, plan_table
 from orchestrator.corrections import Corrections, cache_dir
-from orchestrator.inputs import EXIT_USAGE, InputError, InputSet, scan_inputs
+from orchestrator.inputs import EXIT_USAGE, InputError, InputSet, scan_inputs, shown
 from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.outlock import OutputLock, OutputLocked
 from orchestrator.planner import (
     Constraints,
     NoPlanFits,
+    NoTimeModel,
     PlanChoice,
+    TimeBudgetTooShort,
     base_plan,
     candidates,
     choose_plan,
     evaluate,
     same_quality,
 )
-from orchestrator.probe import GpuInfo, Probe, ProbeError, default_probe, select_gpu
+from orchestrator.probe import GpuInfo, NoSuchGpu, Probe, ProbeError, default_probe, select_gpu
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
 from orchestrator.sizes import gib, parse_size
+from orchestrator.weightfiles import missing_message, verify_checkpoint, weights_record
+from orchestrator.weightfiles import resolve as resolve_weights
 from stages.jobfs import JobDir
 from stages.plan import Plan
 from stages.spec import EXIT_DISK_FULL, EXIT_MISSING_WEIGHTS, EXIT_NO_DEVICE, UP2YOU, Pipeline
@@ -88,6 +96,7 @@ class RunOptions:
     plan_only: bool = False
     quiet: bool = False  # no progress lines (--json)
     table: Path | None = None  # another budget table file
+    time_budget_s: float | None = None  # --time-budget: the plan must also finish in this many seconds (predicted)
 
 
 @dataclass
@@ -128,6 +137,7 @@ class RunReport:
     deliverables: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     waits: list[Wait] = field(default_factory=list)
+    weights: dict[str, Any] = field(default_factory=dict)  # where each checkpoint was found, what was verified
 
     def to_dict(self) -> dict[str, Any]:
         r = self.pipeline_result
@@ -139,7 +149,8 @@ class RunReport:
         for a in r.attempts if r else []:
             if a.outcome != "skipped":
                 measured[a.stage] = {"predicted_bytes": a.predicted_bytes, "measured_gpu_bytes": a.measured_gpu_bytes,
-                                     "measured_rss_bytes": a.measured_rss_bytes, "outcome": a.outcome}  # fmt: skip
+                                     "measured_rss_bytes": a.measured_rss_bytes, "outcome": a.outcome,
+                                     **self._seconds(a.stage, a.wall_s, final)}  # fmt: skip
         return {
             "ok": self.ok, "exit_code": self.exit_code, "message": self.message,
             "smoke_test": SMOKE_TEST if self.smoke_test else False,
@@ -151,12 +162,22 @@ class RunReport:
             "degradations": list(final.degradations) + [f"re-plan after {p.after_stage}: {p.reason}"
                                                         for p in (r.replans if r else [])],
             "predictions": plan_view, "predicted_vs_measured": measured,
+            "predicted_seconds": final.times.to_dict() if final.times else None,
             "attempts": [a.to_dict() for a in r.attempts] if r else [],
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
             "waits": [w.__dict__ for w in self.waits + (r.waits if r else [])],
-            "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables,
+            "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables, "weights": self.weights,
         }  # fmt: skip
+
+
+    def _seconds(self, stage: str, wall_s: float, choice: PlanChoice) -> dict[str, Any]:
+        """Predicted (the final plan's time model) vs measured seconds: the attempt's wall, the manifest's run."""
+        pred = choice.times.get(stage) if choice.times else None
+        run_s = ((JobDir(self.job_dir).read_manifest(stage) or {}).get("timings") or {}).get("run_s")
+        return {"predicted_wall_s": round(pred.wall_s, 2) if pred else None,
+                "predicted_run_s": round(pred.run_s, 2) if pred else None,
+                "measured_wall_s": round(wall_s, 2), "measured_run_s": round(run_s, 2) if run_s is not None else None}
 
 
 def default_out_dir(input_dir: Path) -> Path:
@@ -201,11 +222,13 @@ def plan_job(
     try:
         ledger = Ledger(probe=probe) if probe is not None else None
         gpu = _pick_gpu(options, probe, ledger)
+        _check_vram_fits_card(options.vram, gpu)
     except LedgerError as exc:
         raise JobError(str(exc), EXIT_DISK_FULL) from None
     smoke = options.tiny
     constraints = Constraints(options.views or (6 if smoke else None), options.resolution or (256 if smoke else None),
-                              options.steps or (4 if smoke else None), options.thg_interval, options.prefer)
+                              options.steps or (4 if smoke else None), options.thg_interval, options.prefer,
+                              options.time_budget_s)  # fmt: skip
     profile = "tiny" if smoke else "full-random" if options.full_random else "real"
     base = base_plan(constraints, device="cuda:0" if options.device != "cpu" else "cpu", profile=profile,
                      weights_dir="" if options.full_random else str(_weights_dir(options)),
@@ -223,9 +246,13 @@ def plan_job(
     try:
         choice = choose_plan(pipeline, table, len(inputs.photos), budget.bytes, base, constraints,
                              corrections.factors())  # fmt: skip
+    except TimeBudgetTooShort as exc:
+        raise JobError(f"--time-budget {options.time_budget_s:g}s: {exc}", EXIT_USAGE) from None
     except NoPlanFits as exc:
         prefix = f"--vram {options.vram}: " if options.vram != "auto" else "the free GPU memory: "
         raise JobError(prefix + str(exc), EXIT_USAGE) from None
+    except NoTimeModel as exc:
+        raise JobError(f"--time-budget: {exc}", EXIT_USAGE) from None
     return JobPlan(inputs, budget, constraints, base, choice, corrections, table, ledger, waits)
 
 
@@ -242,11 +269,14 @@ def run_job(
     jp = plan_job(input_dir, options, probe, pipeline, table, on_event=printer)
     inputs, budget, choice = jp.inputs, jp.budget, jp.choice
     out = Path(out_dir) if out_dir else default_out_dir(Path(input_dir))
+    if out.resolve() == Path(input_dir).resolve():
+        raise JobError(f"--out {shown(out)} is the photo folder itself: the next run would read the outputs as "
+                       "photos; pass another folder (the default is <photos>_up2you/)", EXIT_USAGE)  # fmt: skip
     job = JobDir(out / "job")
     if options.tiny:
         console.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
-    for p in inputs.ignored:
-        console.print(f"[dim]note: {p.name} is not an image, ignored[/dim]")
+    for line in input_notes(inputs):
+        console.print(f"[dim]note: {escape(line)}[/dim]", highlight=False, soft_wrap=True)
     console.print(plan_table(pipeline, choice, f"plan: {choice.candidate.label} — budget {budget.source}"))
     for d in choice.degradations:
         console.print(f"[yellow]  {d}[/yellow]")
@@ -254,7 +284,7 @@ def run_job(
                        [str(p) for p in inputs.ignored], options.tiny, waits=list(jp.waits))  # fmt: skip
     if options.plan_only:
         return report
-    _preflight(pipeline, choice, options, out)
+    report.weights = _preflight(pipeline, choice, options, out)
     if options.tiny:
         ensure_tiny_weights(Path(choice.plan.weights_dir), console)
     lock = OutputLock(out)
@@ -263,14 +293,14 @@ def run_job(
     except OutputLocked as exc:
         raise JobError(str(exc), exc.exit_code) from None
     try:
-        return _run_locked(report, jp, job, out, options, probe, pipeline, console, t0)
+        return _run_locked(report, jp, job, out, options, probe, pipeline, printer, t0)
     finally:
         lock.release()
 
 
 def _run_locked(
     report: RunReport, jp: JobPlan, job: JobDir, out: Path, options: RunOptions, probe: Probe | None,
-    pipeline: Pipeline, console: Console, t0: float,
+    pipeline: Pipeline, printer: ProgressPrinter, t0: float,
 ) -> RunReport:  # fmt: skip
     """The part of a run that writes into `out`: only ever one at a time per folder (the caller holds its lock)."""
     inputs, budget, choice = jp.inputs, jp.budget, jp.choice
@@ -279,7 +309,7 @@ def _run_locked(
     ctx = RunContext(job, pipeline, jp.table, len(inputs.photos), inputs.key, jp.constraints, jp.base, budget.bytes,
                      jp.corrections, probe=probe, gpu=budget.gpu,
                      max_retries=options.max_retries, wait_for_vram_s=options.wait_for_vram_s,
-                     weights_dir=choice.plan.weights_dir, on_event=ProgressPrinter(console, options.quiet),
+                     weights_dir=choice.plan.weights_dir, on_event=printer,
                      ledger=jp.ledger,
                      job_id=options.job_id or str(out.resolve()),
                      vram_cap=None if options.vram == "auto" else parse_size(options.vram),
@@ -306,6 +336,8 @@ def _pick_gpu(options: RunOptions, probe: Probe | None, ledger: Ledger | None) -
         if options.gpu == "auto" and ledger is not None and gpus:
             return max(gpus, key=lambda g: ledger.available(g))
         return select_gpu(gpus, options.gpu)
+    except NoSuchGpu as exc:
+        raise JobError(str(exc), EXIT_USAGE) from None
     except ProbeError as exc:
         raise JobError(str(exc), EXIT_NO_DEVICE) from None
 
@@ -321,6 +353,19 @@ def _wanted_budget(
     best = candidates(base, constraints)[0]
     return min(max(f.need_bytes for f in evaluate(c.plan, pipeline, table, n_refs, 0, corrections.factors()))
                for c in same_quality(best.plan, base, constraints))  # fmt: skip
+
+
+def input_notes(inputs: InputSet) -> list[str]:
+    """What the scan did about odd inputs, one line each (printed as notes before the plan)."""
+    return [f"{shown(p.name)} is not an image, ignored" for p in inputs.ignored] + list(inputs.notes)
+
+
+def _check_vram_fits_card(vram: str, gpu: GpuInfo | None) -> None:
+    """A cap above the card's total can never be met: a typo or the wrong --gpu, not a neighbour."""
+    if vram == "auto" or gpu is None or parse_size(vram) <= gpu.total:
+        return
+    raise JobError(f"--vram {vram} is more than GPU {gpu.index} ({gpu.name}) has in total ({gib(gpu.total)}): pass at "
+                   f"most {int(gpu.total * 10 / 2**30) / 10:g}GB, or auto, or pick another GPU with --gpu", EXIT_USAGE)  # fmt: skip
 
 
 def _wait_for_budget(
@@ -340,7 +385,8 @@ def _wait_for_budget(
         if waited[kind] >= limit:
             break
         if record is None:
-            line = wait_line(view, "", "planning", want, kind, limit)
+            line = wait_line(view, "", "the best plan" if options.vram == "auto" else f"--vram {options.vram}", want,
+                             kind, limit)  # fmt: skip
             record = Wait("plan", 0.0, kind, want, view.available(), holders(view, ""), message=line)
             if on_event is not None:
                 on_event("wait", line)
@@ -360,18 +406,30 @@ def _wait_for_budget(
 def _weights_dir(options: RunOptions) -> Path:
     if options.tiny:
         return cache_dir() / "tiny-weights"
-    return (options.weights or Path("weights")).resolve()
+    return resolve_weights(options.weights).root  # --weights, $UP2YOU_WEIGHTS, ./weights, the HF cache
 
 
-def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out: Path) -> None:
-    """Stop before any process starts: missing weights (listed with their source), too little disk."""
+def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out: Path) -> dict[str, Any]:
+    """Stop before any process starts: missing or wrong weights (each with its fix), too little disk.
+
+    Returns what run.json records about the weights (where found, size/sha256 verified).
+    """
+    record: dict[str, Any] = {}
     if not (options.tiny or options.full_random):
         keys = sorted({k for s in pipeline.stages for k in s.checkpoints})
-        missing = checkpoints.missing(choice.plan.weights_dir, keys)
-        if missing:
-            lines = "\n".join(f"  {path}\n    get it from {source}" for path, source in missing)
-            raise JobError(f"{len(missing)} weight file(s) missing under {choice.plan.weights_dir} "
-                           f"(--weights DIR):\n{lines}\nor run with --tiny for a smoke test", EXIT_MISSING_WEIGHTS)  # fmt: skip
+        res = resolve_weights(options.weights, keys)
+        if res.missing:
+            raise JobError(missing_message(res), EXIT_MISSING_WEIGHTS)
+        broken = checkpoints.damaged(res.root, keys)  # cheap header checks first: truncation, pickle payloads
+        if broken:
+            more = f" (and {len(broken) - 1} more damaged file(s))" if len(broken) > 1 else ""
+            raise JobError(f"weight file {broken[0]}{more}", EXIT_MISSING_WEIGHTS)
+        checks = {k: verify_checkpoint(k, Path(choice.plan.weights_dir), hash_unknown=True) for k in keys}
+        bad = [v.problem for vs in checks.values() for v in vs if not v.ok]
+        if bad:
+            raise JobError("\n".join(bad), EXIT_MISSING_WEIGHTS)
+        record = weights_record(res, checks)
+    _check_out_dir(out)
     need = DISK_BASE + DISK_PER_VIEW * choice.plan.views
     probe_dir = out
     while not probe_dir.exists():
@@ -380,6 +438,27 @@ def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out:
     if free < need:
         raise JobError(f"not enough disk in {probe_dir}: {free / 1e9:.1f} GB free, this run needs about "
                        f"{need / 1e9:.1f} GB; free space or pass --out on another disk", EXIT_DISK_FULL)  # fmt: skip
+    return record
+
+
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _check_out_dir(out: Path) -> None:
+    """--out must be a folder we can write (created if missing)."""
+    if out.exists() and not out.is_dir():
+        raise JobError(f"--out {shown(out)} is a file: pass a folder (it is created if missing)", EXIT_USAGE)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise JobError(f"--out {shown(out)}: a part of that path is a file: pass a folder path", EXIT_USAGE) from None
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE:
+            raise
+        raise JobError(f"--out {shown(out)} is not writable ({os.strerror(exc.errno or 0)}): pass a folder you can "
+                       "write to, e.g. --out ~/up2you_out", EXIT_DISK_FULL) from None  # fmt: skip
 
 
 def ensure_tiny_weights(weights: Path, console: Console) -> None:

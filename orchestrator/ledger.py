@@ -107,9 +107,6 @@ class LedgerView:
         out = sum(h.outstanding for h in self.holdings if h.reservation.job_id != exclude_job)
         return max(0, self.gpu.free - out)
 
-    def reserved(self, exclude_job: str | None = None) -> int:
-        return sum(h.reservation.nbytes for h in self.holdings if h.reservation.job_id != exclude_job and h.alive)
-
     def ahead_of(self, ticket: Ticket | None, job_id: str) -> int:
         """Bytes set aside for the waiters before `ticket` (all waiters of other jobs if it is None)."""
         return sum(t.nbytes for t in self.tickets

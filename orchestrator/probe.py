@@ -20,6 +20,10 @@ class ProbeError(RuntimeError):
     """No GPU can be observed (NVML missing, no driver, no device); the message says what to do."""
 
 
+class NoSuchGpu(ProbeError):
+    """`--gpu` names a GPU that is not there: a usage error, not a missing device."""
+
+
 @dataclass(frozen=True)
 class GpuProcess:
     pid: int
@@ -62,11 +66,12 @@ def select_gpu(gpus: list[GpuInfo], choice: str) -> GpuInfo:
     try:
         index = int(choice)
     except ValueError:
-        raise ProbeError(f"--gpu {choice!r}: expected auto or a GPU index (see `up2you-budget gpus`)") from None
+        raise NoSuchGpu(f"--gpu {choice!r}: expected auto or a GPU index (see `up2you-budget gpus`)") from None
     for g in gpus:
         if g.index == index:
             return g
-    raise ProbeError(f"--gpu {index}: no such GPU; present: {', '.join(str(g.index) for g in gpus)}")
+    raise NoSuchGpu(f"--gpu {index}: no such GPU; this machine has GPU {', '.join(str(g.index) for g in gpus)} "
+                    "(see `up2you-budget gpus`), or use --gpu auto")
 
 
 class NvmlProbe:

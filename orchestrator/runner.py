@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from budgets.table import BudgetTable, predict
-from orchestrator.admission import SIBLING_WAIT_S, Admitter, Wait, wait_kind
+from orchestrator.admission import SIBLING_WAIT_S, Admitter, StageGone, Wait, wait_kind
 from orchestrator.corrections import Corrections, oom_factor
 from orchestrator.ledger import Ledger, LedgerError, Reservation
 from orchestrator.monitor import MemorySampler, Sample
@@ -237,7 +237,8 @@ class Runner:
             self.retries += 1
             keys, i = self._switch(spec, keys, *self._recover(spec, attempt))
 
-    def _switch(self, spec: StageSpec, keys: dict[str, str], new_choice: PlanChoice, reason: str) -> tuple[dict[str, str], int]:
+    def _switch(self, spec: StageSpec, keys: dict[str, str], new_choice: PlanChoice,
+                reason: str) -> tuple[dict[str, str], int]:  # fmt: skip
         """Adopt `new_choice`: invalidate exactly the stages whose key changed; continue from the first of them."""
         stages = self.ctx.pipeline.stages
         new_keys = self._keys(new_choice.plan)
@@ -269,7 +270,7 @@ class Runner:
 
     # --- admission on a shared GPU ------------------------------------------------------------
     def _admit(self, spec: StageSpec, proc: StageProcess) -> tuple[PlanChoice, str] | None:
-        """Reserve this stage's need (switching memory-only knobs if only that fits now), waiting if allowed.
+        """Reserve this stage's need on the fastest memory-only rung that fits now, waiting if none does.
 
         Returns None once reserved (or when there is nothing to reserve), or (degraded choice, why)
         when the wait allowed is used up and a plan with fewer views or pixels fits what is there.
@@ -280,14 +281,19 @@ class Runner:
         rungs = [choice_of(c, ctx.pipeline, ctx.table, ctx.n_refs, self.budget, ctx.corrections.factors(),
                            self.choice.degradations)
                  for c in same_quality(self.choice.plan, ctx.base, ctx.constraints)]  # fmt: skip
-        # the current plan first (no change without need), then the other rungs, fastest first
-        rungs = [self.choice] + [r for r in rungs if r.candidate.label != self.choice.candidate.label]
+        rungs = rungs or [self.choice]
         sizes = [next(f.need_bytes for f in r.fits if f.stage == spec.name) for r in rungs]
+        current = self._fit(spec.name)
         cap = self.budget if ctx.vram_cap is not None else None
-        r = self.admitter.admit(spec.name, proc.pid, sizes, cap)
+        try:
+            r = self.admitter.admit(spec.name, proc.pid, sizes, cap)
+        except StageGone:
+            return None  # it died while starting: `go` finds it gone and its exit code says why
         if r is not None:
             self.reservation = r
-            chosen = rungs[sizes.index(r.nbytes)]
+            # the fastest rung that fits; if the current plan needs the same for this stage, keep it
+            same = current is not None and current.need_bytes == r.nbytes
+            chosen = self.choice if same else rungs[sizes.index(r.nbytes)]
             if chosen.candidate.label != self.choice.candidate.label:
                 why = (f"{spec.name} admitted with {gib(r.nbytes)} on the shared GPU: {chosen.candidate.step.label} "
                        f"fits what is free and unreserved now (memory only: nothing recomputed)")  # fmt: skip
@@ -306,17 +312,20 @@ class Runner:
         room = max(0, view.available(ctx.job_id) - AUTO_RESERVE)
         if ctx.vram_cap is not None:
             room = min(room, self.budget)
-        waited = self.admitter.waits[-1].seconds if self.admitter.waits else 0.0
+        waited = self.admitter.last_wait.seconds if self.admitter.last_wait else 0.0
+        bound = "--wait-for-siblings" if self.admitter.last_kind == "siblings" else "--wait-for-vram"
+        if self.admission_degrades > 2 * len(ctx.pipeline.stages):  # memory keeps vanishing as we re-plan
+            raise StageFailed(EXIT_OOM, f"stage {spec.name} cannot get GPU memory: re-planned "
+                                        f"{self.admission_degrades - 1} times for what was free, and it was gone "
+                                        f"each time; free GPU memory or pass --wait-for-vram")  # fmt: skip
         try:
-            if self.admission_degrades > 2 * len(ctx.pipeline.stages):
-                raise NoPlanFits(room, 0, "none left to try", spec.name)
             choice = choose_plan(ctx.pipeline, ctx.table, ctx.n_refs, room, ctx.base, ctx.constraints,
                                  ctx.corrections.factors())  # fmt: skip
         except NoPlanFits as exc:
             raise StageFailed(EXIT_OOM, f"stage {spec.name} cannot get GPU memory and no plan fits any more: "
                                         f"{exc}") from None  # fmt: skip
         why = (f"{spec.name}: {gib(room)} free and unreserved on GPU {view.gpu.index} after waiting {waited:.0f} s "
-               f"(the wait allowed): planned for that")  # fmt: skip
+               f"({bound}): planned for that")  # fmt: skip
         return choice, why
 
     def _release(self) -> None:

@@ -9,7 +9,11 @@ What the harness guarantees, so that stages need not:
   the previous stage while isolation is kept (CUDA is touched only after ``go``);
 - **memory cap**: ``torch.cuda.set_per_process_memory_fraction`` to the budget in the request;
 - **fault injection**: ``UP2YOU_FAULTS=rgb:oom:1`` raises a real ``torch.cuda.OutOfMemoryError``
-  in stage ``rgb`` on attempts <= 1 (kinds: ``oom``, ``oom_runtime``, ``crash``, ``sleep``);
+  in stage ``rgb`` on attempts <= 1 (kinds: ``oom``, ``oom_runtime``, ``crash``, ``sleep``,
+  ``enospc`` (the first output write fails: disk full), ``pause`` (``rgb:pause:1:write``: stop at a
+  named point — prepare, start, write, manifest, end — touch ``$UP2YOU_FAULT_MARKER`` and wait, so
+  a test can kill the orchestrator at exactly that moment));
+- **same seed, same bytes**: the global RNGs (torch, numpy, random) start from the plan's seed;
 - **exit codes** (stages.spec): OOM in any of its disguises -> 75, bad input -> 65, missing
   weights -> 66, no GPU -> 69, disk full -> 74, SIGINT/SIGTERM -> 130; an ``error.msgpack`` says why;
 - **atomic outputs and the manifest** written last, with timings and torch's peak.
@@ -22,6 +26,8 @@ import contextlib
 import errno
 import gc
 import os
+import pickle
+import random
 import signal
 import sys
 import time
@@ -35,7 +41,7 @@ T0 = time.time()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stages.jobfs import JobDir, atomic_path  # noqa: E402
+from stages.jobfs import JobDir, atomic_path, shown  # noqa: E402
 from stages.plan import Plan  # noqa: E402
 from stages.spec import (  # noqa: E402
     EXIT_BAD_INPUT,
@@ -49,6 +55,8 @@ from stages.spec import (  # noqa: E402
 from up2you import checkpoints  # noqa: E402
 
 FAULTS_ENV = "UP2YOU_FAULTS"
+FAULT_MARKER_ENV = "UP2YOU_FAULT_MARKER"
+PAUSE_LIMIT_S = 120.0  # a paused stage nobody kills goes on after this
 
 
 class BadInputError(ValueError):
@@ -78,7 +86,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def _is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 class StageContext:
@@ -120,7 +128,7 @@ class StageContext:
         return len(self.job.read_inputs()["photos"])
 
     def input_photos(self) -> list[Path]:
-        return [Path(p["path"]) for p in self.job.read_inputs()["photos"]]
+        return [Path(os.fsdecode(p["path"])) for p in self.job.read_inputs()["photos"]]
 
     # weights ------------------------------------------------------------------------------
     def ckpt(self, key: str) -> Path:
@@ -172,6 +180,7 @@ class StageContext:
         """Atomic write of an output file named `name` inside this stage's folder."""
         with atomic_path(self.job.path(self.name, name)) as tmp:
             yield tmp
+            _fault_point(self.name, "write", self.attempt)  # written to the temporary name, not yet renamed
         if name not in self._outputs:
             self._outputs.append(name)
 
@@ -188,16 +197,45 @@ class StageContext:
             torch.cuda.empty_cache()
 
 
-def _inject_fault(name: str, attempt: int) -> None:
+def _faults(name: str, attempt: int) -> Iterator[list[str]]:
+    """The UP2YOU_FAULTS items (split on ':') that apply to this stage and attempt."""
     spec = os.environ.get(FAULTS_ENV, "")
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
-        if len(parts) < 2 or parts[0] != name:
+        if len(parts) >= 2 and parts[0] == name and attempt <= (int(parts[2]) if len(parts) > 2 else 1):
+            yield parts
+
+
+_paused: set[str] = set()
+
+
+def _fault_point(name: str, point: str, attempt: int) -> None:
+    """`pause` and `enospc` faults: act at a named point of the stage's life (each at most once a process)."""
+    for parts in _faults(name, attempt):
+        at = parts[3] if len(parts) > 3 else "write"
+        if at != point or f"{parts[1]}:{at}" in _paused:
             continue
+        _paused.add(f"{parts[1]}:{at}")
+        if parts[1] == "enospc":
+            raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAULTS_ENV})")
+        if parts[1] == "pause":
+            marker = os.environ.get(FAULT_MARKER_ENV)
+            if marker:
+                Path(marker).write_text(f"{name}:{point} {os.getpid()}\n")
+            time.sleep(PAUSE_LIMIT_S)
+
+
+def _seed_everything(seed: int) -> None:
+    """Code that draws from the global RNGs (e.g. remeshing's random edge picks) repeats with the plan."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _inject_fault(name: str, attempt: int) -> None:
+    spec = os.environ.get(FAULTS_ENV, "")
+    for parts in _faults(name, attempt):
         kind = parts[1]
-        upto = int(parts[2]) if len(parts) > 2 else 1
-        if attempt > upto:
-            continue
         if kind == "oom":
             raise torch.cuda.OutOfMemoryError(
                 f"CUDA out of memory (injected by {FAULTS_ENV}={spec!r}, attempt {attempt})")
@@ -260,6 +298,7 @@ def stage_main(
         t = time.time()
         prepared = prepare(ctx) if prepare else None
         ctx.timings["prepare_s"] = time.time() - t
+        _fault_point(name, "prepare", 1)
         if args.prestart:
             print(f"ready {time.time() - T0:.3f}", flush=True)
             t = time.time()
@@ -270,12 +309,16 @@ def stage_main(
         phase = "run"
         ctx._load_request()
         ctx.job.clear_error(name)
+        ctx.job.sweep_temporaries(name)  # what a killed earlier attempt left half-written
         _apply_cap(ctx)
+        _seed_everything(ctx.plan.seed)
+        _fault_point(name, "start", ctx.attempt)
         _inject_fault(name, ctx.attempt)
         t = time.time()
         run(ctx, prepared)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
+        _fault_point(name, "manifest", ctx.attempt)
         ctx.timings["run_s"] = time.time() - t
         ctx.timings["import_s"] = t_import
         manifest = {
@@ -291,14 +334,24 @@ def stage_main(
             **_peaks(ctx),
         }
         ctx.job.write_manifest(name, manifest)
+        _fault_point(name, "end", ctx.attempt)
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - the contract maps every failure to a code
         code, kind = _classify(exc)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = shown(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+        if code == EXIT_DISK_FULL:
+            msg += f"; free space where {ctx.job.root} is (or pass --out on another disk) and rerun: finished stages are kept"
         if code == 1:
             traceback.print_exc()
         print(f"[{name}] {kind}: {msg}", file=sys.stderr, flush=True)
+        if phase == "prepare" and args.prestart and code != EXIT_INTERRUPTED:
+            # a pre-started stage failed while the previous one runs: report it when it is this stage's turn,
+            # since the runner clears error.msgpack before `go`; dismissed (no `go`): nobody needs the answer
+            if sys.stdin.readline().strip() != "go":
+                os._exit(EXIT_OK)
+            with contextlib.suppress(Exception):
+                ctx._load_request()
         with contextlib.suppress(Exception):
             if phase == "run" or code != EXIT_INTERRUPTED:
                 ctx.job.write_error(name, {
@@ -318,6 +371,8 @@ def _classify(exc: BaseException) -> tuple[int, str]:
         return EXIT_OOM, "oom"
     if isinstance(exc, checkpoints.MissingWeightsError):
         return EXIT_MISSING_WEIGHTS, "missing_weights"
+    if isinstance(exc, (checkpoints.DamagedWeightsError, pickle.UnpicklingError)):
+        return EXIT_MISSING_WEIGHTS, "damaged_weights"
     if isinstance(exc, BadInputError):
         return EXIT_BAD_INPUT, "bad_input"
     if isinstance(exc, _NoDevice):

@@ -8,6 +8,9 @@ Layout::
     JOB/<stage>/error.msgpack       why the last attempt failed (kind, message, peak)
     JOB/<stage>/manifest.msgpack    written last: its presence with the right key means "done"
 
+The manifest holds the sha256 of every output: a truncated or garbage artifact (or manifest) is
+"not done", so that stage alone runs again, and nothing crashes on it.
+
 Torch-free (msgpack + os): both sides use it.
 """
 
@@ -63,6 +66,15 @@ def read_msgpack(path: Path) -> Any:
     return msgpack.unpackb(Path(path).read_bytes(), raw=False, strict_map_key=False)
 
 
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A msgpack map, or None when the file is absent, truncated or not a map."""
+    try:
+        obj = read_msgpack(path)
+    except (OSError, ValueError, msgpack.UnpackException):  # absent, truncated, garbage
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
@@ -73,12 +85,32 @@ def _default(o: Any) -> Any:
     raise TypeError(f"cannot serialise {type(o).__name__}")
 
 
+def shown(path: Path | str) -> str:
+    """A path as it can be printed and serialised: bytes that are not UTF-8 become U+FFFD."""
+    return os.fsencode(str(path)).decode("utf-8", "replace")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_digests: dict[tuple[str, int, int, int], str] = {}
+
+
+def _digest(path: Path) -> str | None:
+    """sha256 of a file, remembered per (path, inode, size, mtime) so repeated checks read it once."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = sha256_file(path)
+    return _digests[key]
 
 
 class JobDir:
@@ -107,31 +139,42 @@ class JobDir:
         write_msgpack(self.path(stage, REQUEST), request)
 
     def read_manifest(self, stage: str) -> dict[str, Any] | None:
-        p = self.path(stage, MANIFEST)
-        if not p.exists():
-            return None
-        try:
-            return read_msgpack(p)
-        except Exception:  # a corrupt manifest means "not done"
-            return None
+        return _read_record(self.path(stage, MANIFEST))  # a corrupt manifest means "not done"
 
     def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
-        write_msgpack(self.path(stage, MANIFEST), manifest)
+        """Write the manifest last, with the sha256 of each listed output."""
+        sums = {f: sha256_file(self.path(stage, f)) for f in manifest.get("outputs", [])}
+        write_msgpack(self.path(stage, MANIFEST), {**manifest, "sha256": sums})
 
     def is_done(self, stage: str, key: str) -> bool:
+        """The manifest has this key and every output is there with the bytes it had when written."""
         m = self.read_manifest(stage)
         if not m or m.get("key") != key:
             return False
-        return all(self.path(stage, f).exists() for f in m.get("outputs", []))
+        outputs, sums = m.get("outputs", []), m.get("sha256")
+        if not isinstance(outputs, list) or not isinstance(sums, dict):
+            return False
+        return all(isinstance(f, str) and _digest(self.path(stage, f)) == sums.get(f) for f in outputs)
+
+    def damaged_outputs(self, stage: str) -> list[str]:
+        """Outputs whose bytes no longer match the manifest (for messages); [] when none or no manifest."""
+        m = self.read_manifest(stage) or {}
+        sums = m.get("sha256") if isinstance(m.get("sha256"), dict) else {}
+        return [f for f in m.get("outputs", []) if isinstance(f, str) and _digest(self.path(stage, f)) != sums.get(f)]
 
     def invalidate(self, stage: str) -> None:
         """Forget a stage's result (its manifest); outputs are overwritten by the next run."""
         with contextlib.suppress(FileNotFoundError):
             self.path(stage, MANIFEST).unlink()
 
+    def sweep_temporaries(self, stage: str) -> None:
+        """Remove `.tmp-*` files of this stage: a writer killed by SIGKILL never reached its own cleanup."""
+        for tmp in self.stage_dir(stage).glob(".tmp-*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
     def read_error(self, stage: str) -> dict[str, Any] | None:
-        p = self.path(stage, ERROR)
-        return read_msgpack(p) if p.exists() else None
+        return _read_record(self.path(stage, ERROR))
 
     def write_error(self, stage: str, error: dict[str, Any]) -> None:
         write_msgpack(self.path(stage, ERROR), error)

@@ -17,9 +17,15 @@ import torch
 from PIL import Image
 
 from stages.harness import BadInputError, StageContext, stage_main
+from stages.jobfs import shown
+from stages.spec import MAX_PHOTO_PIXELS
 from up2you.encoders.preprocess import PhotoError, attach_alpha, canonicalise, open_photo, reference_tensors
 
 NAME = "segment"
+# "No person": the matte (BiRefNet's, or the photo's own alpha) is at least half opaque on fewer than
+# this fraction of the photo's pixels. A person far away in a wide shot still covers a few per cent;
+# BiRefNet's mattes of empty scenes are near zero almost everywhere.
+MIN_PERSON_COVERAGE = 0.005
 
 
 def prepare(ctx: StageContext) -> Any:
@@ -35,10 +41,15 @@ def _open_all(photos: list[Path]) -> list[Image.Image]:
     images = []
     for path in photos:
         try:
-            images.append(open_photo(path))
+            images.append(open_photo(path, MAX_PHOTO_PIXELS))
         except PhotoError as exc:
-            raise BadInputError(f"{path}: {exc}; replace or remove this photo") from exc
+            raise BadInputError(f"{shown(path)}: {exc}; replace or remove this photo") from exc
     return images
+
+
+def person_coverage(rgba: Image.Image) -> float:
+    """Fraction of the photo where the alpha is at least half opaque."""
+    return float((np.asarray(rgba.getchannel("A")) >= 128).mean())
 
 
 def _matte(model: torch.nn.Module | None, im: Image.Image) -> torch.Tensor:
@@ -62,12 +73,18 @@ def run(ctx: StageContext, prepared: Any) -> None:
         model.to(ctx.device)
     rgbs, alphas = [], []
     for i, (path, im) in enumerate(zip(photos, images, strict=True)):
+        source = "its own alpha" if im.mode == "RGBA" else "the matte"
         if im.mode != "RGBA":
             im = attach_alpha(im, _matte(model, im))
+        coverage = person_coverage(im)
+        if coverage < MIN_PERSON_COVERAGE:
+            raise BadInputError(f"{shown(path)}: no person found ({source} covers {coverage:.2%} of the photo, below "
+                                f"{MIN_PERSON_COVERAGE:.1%}); use a photo in which the person is clearly visible, "
+                                "or remove it")  # fmt: skip
         try:
             canvas = canonicalise(im)
         except PhotoError as exc:
-            raise BadInputError(f"{path}: {exc}; use a photo in which the person is clearly visible") from exc
+            raise BadInputError(f"{shown(path)}: {exc}; use a photo in which the person is clearly visible") from exc
         ctx.save_image(f"ref_{i:02d}.png", np.asarray(canvas, dtype=np.uint8))
         rgb, alpha = reference_tensors(canvas)
         rgbs.append(rgb)

@@ -22,10 +22,11 @@ EXIT_NO_DEVICE = 69  # EX_UNAVAILABLE: the plan wants CUDA and there is none
 EXIT_DISK_FULL = 74  # EX_IOERR: writing an artifact failed (disk full, read-only)
 EXIT_OOM = 75  # EX_TEMPFAIL: out of GPU memory; the runner re-plans and retries
 EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM forwarded by the runner
+MAX_PHOTO_PIXELS = 40_000_000  # a photo above this is refused (by the scan, from its header; again by segment)
 EXIT_MEANINGS = {
     EXIT_OK: "ok",
     EXIT_BAD_INPUT: "bad input",
-    EXIT_MISSING_WEIGHTS: "missing weights",
+    EXIT_MISSING_WEIGHTS: "missing or damaged weights",
     EXIT_NO_DEVICE: "no GPU",
     EXIT_DISK_FULL: "disk full or unwritable",
     EXIT_OOM: "out of GPU memory",
@@ -102,9 +103,9 @@ class Pipeline:
 _DIFFUSION_KNOBS = (
     "views", "resolution", "steps", "guidance", "seed", "thg_schedule", "thg_interval",
 )  # fmt: skip
-# cfg_mode, vae_mode, offload and ref_chunk are exact rewrites: they change memory, not results
-# beyond float rounding, so they are not part of the key (a retry with sequential CFG keeps the
-# finished earlier stages and need not recompute anything but the failed stage).
+# cfg_mode, vae_mode, offload, ref_chunk and mesh_view_chunk are exact rewrites: they change memory,
+# not results beyond float rounding, so they are not part of the key (a retry with sequential CFG
+# keeps the finished earlier stages and need not recompute anything but the failed stage).
 
 UP2YOU = Pipeline(
     stages=(

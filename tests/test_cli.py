@@ -46,7 +46,7 @@ def test_corrupt_image_is_named(capsys, tmp_path: Path) -> None:
     d = write_photos(tmp_path / "p", n=1)
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     code, text = _run(capsys, "--vram", "12GB", str(d), "--device", "cpu")
-    assert code == 2
+    assert code == 65  # a photo's content is bad (EX_DATAERR), as when a stage finds it
     line = _one_line_error(text)
     assert "broken.png" in line and "re-export" in line
 
@@ -56,7 +56,7 @@ def test_huge_image_suggests_resizing(capsys, tmp_path: Path) -> None:
     d.mkdir()
     Image.new("L", (8000, 6000)).save(d / "huge.png")
     code, text = _run(capsys, "--vram", "12GB", str(d), "--device", "cpu")
-    assert code == 2
+    assert code == 65
     line = _one_line_error(text)
     assert "huge.png" in line and "48.0 Mpx" in line and "resize" in line
 

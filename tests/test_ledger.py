@@ -226,3 +226,26 @@ def test_file_simulated_probe_reads_sizes_and_reports_a_bad_file(tmp_path: Path)
     spec.write_text("{not json")
     with pytest.raises(ProbeError, match="UP2YOU_SIMULATED_GPUS"):
         FileSimulatedProbe(spec).gpus()
+
+
+def test_gpus_command_shows_reservations_and_waiters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import cli
+
+    spec = tmp_path / "gpus.json"
+    spec.write_text(json.dumps({"gpus": [{"name": "Sim 24G", "uuid": "GPU-cli", "total": "24GB"}]}))
+    monkeypatch.setenv("UP2YOU_SIMULATED_GPUS", str(spec))
+    probe = FileSimulatedProbe(spec)
+    led = Ledger(probe=probe)  # the default root: $UP2YOU_RUNTIME_DIR of this test
+    gpu = probe.gpus()[0]
+    assert led.reserve(gpu, "/data/alice", "rgb", os.getpid(), 20 * GiB) is not None
+    led.take_ticket(gpu, "/data/bob", "normal", 9 * GiB)
+    assert cli.main(["gpus"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "alice" in out and "rgb" in out and "20.0 GiB" in out
+    assert "bob" in out and "waiting #1" in out
+    assert "--gpu auto would pick GPU 0 (4.0 GiB free and unreserved)" in out
+    assert cli.main(["gpus", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["available_bytes"] == 4 * GiB and row["reservations"][0]["job_id"] == "/data/alice"
+    assert row["waiting"][0]["stage"] == "normal"

@@ -107,3 +107,30 @@ def test_sibling_jobs_wait_for_each_other_and_both_finish_on_full_quality(tmp_pa
     rgb = [next(a for a in rec["attempts"] if a["stage"] == "rgb" and a["outcome"] == "ok") for rec in records]
     assert all(a["reserved_bytes"] for a in rgb)
     assert sum(a["reserved_bytes"] for a in rgb) > 12.5 * GiB - 256 * 2**20
+
+
+def test_a_job_planned_while_siblings_hold_the_card_waits_for_them_instead_of_degrading(photos, fake_table,
+                                                                                        gpu24) -> None:  # fmt: skip
+    from orchestrator.job import plan_job
+    from orchestrator.ledger import Ledger
+
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        led = Ledger(probe=gpu24)
+        held = led.reserve(gpu24.gpus()[0], "/runs/sibling_up2you", "rgb", sibling.pid, 20 * GiB)
+        assert held is not None
+        # --plan never waits: it says what would be planned now (4 GiB free and unreserved)
+        now = plan_job(photos, RunOptions(vram="auto", device="cpu", plan_only=True), gpu24, FAKE, fake_table)
+        assert now.waits == () and now.budget.bytes < 4 * GiB and "free and unreserved" in now.budget.source
+        threading.Timer(1.5, led.release, (held,)).start()  # its stage ends
+        events: list[tuple[str, object]] = []
+        jp = plan_job(photos, RunOptions(vram="auto", device="cpu"), gpu24, FAKE, fake_table,
+                      on_event=lambda kind, payload: events.append((kind, payload)))  # fmt: skip
+    finally:
+        sibling.kill()
+        sibling.wait()
+    assert jp.choice.candidate.label == BEST and jp.choice.degradations == ()
+    [wait] = jp.waits
+    assert wait.stage == "plan" and wait.kind == "siblings" and wait.outcome == "admitted" and wait.seconds >= 1.0
+    assert [k for k, _ in events] == ["wait"]
+    assert "job sibling_up2you (rgb, 20.0 GiB)" in str(events[0][1])

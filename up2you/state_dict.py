@@ -6,11 +6,16 @@ re-implementation that did the same could run with random weights and nobody wou
 
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from up2you.checkpoints import DamagedWeightsError
 
 
 class CheckpointMismatchError(ValueError):
@@ -20,14 +25,32 @@ class CheckpointMismatchError(ValueError):
 def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
     """Read a .safetensors or a plain torch.save state dict (pickle-free: weights_only=True)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only met a global that is not a tensor: a payload
+        called = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"would call {called.group(1)}" if called else "is not only tensors"
+        raise DamagedWeightsError(path, f"holds a pickle that {what} (torch.load weights_only=True refused it)") from None
+    except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise DamagedWeightsError(path, f"cannot be read ({type(exc).__name__}: {_first_line(exc)})") from None
+    except Exception as exc:  # safetensors' own SafetensorError (header or size wrong)
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise DamagedWeightsError(path, f"is truncated or garbage ({_first_line(exc)})") from None
     if not isinstance(sd, Mapping):
         raise CheckpointMismatchError(f"{path}: expected a state dict, found {type(sd).__name__}")
     return dict(sd)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

@@ -34,19 +34,39 @@ class PhotoError(ValueError):
     """A photo cannot be used (unreadable, or nothing to segment); the message says which and why."""
 
 
-def open_photo(path: Path | str) -> Image.Image:
-    """Decode fully (so truncated files fail here), EXIF-transpose; RGBA if it carries a useful alpha, else RGB."""
+def open_photo(path: Path | str, max_pixels: int | None = None) -> Image.Image:
+    """Decode fully (so truncated files fail here), EXIF-transpose; RGBA if it carries a useful alpha, else RGB.
+
+    Any mode goes in: grey, 16-bit (scaled to 8 bits, not clipped), CMYK, palette; an animation gives
+    its first frame. Above `max_pixels` (read from the header) nothing is decoded.
+    """
     try:
         with Image.open(path) as im:
+            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                raise PhotoError(f"{im.size[0]}x{im.size[1]} px is above the {max_pixels / 1e6:.0f} Mpx limit")
             im.load()
             im = ImageOps.exif_transpose(im)
+            im = _to_8bit(im)
             has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
             im = im.convert("RGBA" if has_alpha else "RGB")
+    except PhotoError:
+        raise
+    except Image.DecompressionBombError as exc:  # PIL's own guard fired while reading the header
+        raise PhotoError(f"{str(exc).split(' exceeds')[0]} is far above the pixel limit") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PhotoError(f"cannot decode the image ({type(exc).__name__}: {exc})") from exc
     if im.mode == "RGBA" and im.getchannel("A").getextrema()[0] == 255:
         im = im.convert("RGB")  # a fully opaque alpha masks nothing: segment it like any photo
     return im
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and integer/float grey as 8-bit grey; PIL's own convert would clip everything above 255."""
+    if im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if a.max() > 255 or im.mode.startswith("I;16") else 255.0
+    return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
 def attach_alpha(rgb: Image.Image, alpha: torch.Tensor | np.ndarray) -> Image.Image:

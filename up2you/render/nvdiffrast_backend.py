@@ -21,20 +21,16 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from up2you.buildcache import extensions_dir
+
+__all__ = ["NvdiffrastRasterizer", "extensions_dir", "load_nvdiffrast"]
+
 _STATE: dict[str, Any] = {}
-
-
-def extensions_dir() -> Path:
-    """The persistent folder torch extensions are built in (see the module docstring)."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "up2you-budget" / "torch_extensions"
+RESERVE_GROWTH = 1.25  # reserve this much more than the triangles seen, so growth reallocates rarely
 
 
 def load_nvdiffrast() -> tuple[Any, float]:
@@ -69,6 +65,25 @@ class NvdiffrastRasterizer:
         self.device = torch.device(device)
         self._dr, self.build_seconds = load_nvdiffrast()
         self._ctx = self._dr.RasterizeCudaContext(device=self.device)
+        self._reserved_triangles = 0
+
+    def reserve(self, batch: int, triangles: int, resolution: tuple[int, int]) -> None:
+        """Grow nvdiffrast's triangle buffers ahead of a mesh that grows a little every iteration.
+
+        Its CUDA rasterizer sizes them (cudaMalloc, outside torch's allocator) to the largest triangle
+        count seen plus a fixed slack and frees and reallocates them at every new maximum: a remeshed
+        mesh that grows by a few hundred faces per iteration would pay that (and the device sync of
+        cudaFree) at every iteration. One draw of degenerate triangles at 1.25x the count makes the
+        next reallocation wait for 25 % more growth.
+        """
+        if triangles <= self._reserved_triangles:
+            return
+        target = int(triangles * RESERVE_GROWTH) + 1
+        pos = torch.zeros(batch, 3, 4, device=self.device)
+        pos[..., 3] = 1.0
+        tri = torch.zeros(target, 3, dtype=torch.int32, device=self.device)  # degenerate: nothing is drawn
+        self._dr.rasterize(self._ctx, pos, tri, list(resolution), grad_db=False)
+        self._reserved_triangles = target
 
     def rasterize(self, pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
         rast, _ = self._dr.rasterize(self._ctx, pos.contiguous(), tri.int().contiguous(), list(resolution),
@@ -79,7 +94,13 @@ class NvdiffrastRasterizer:
         out, _ = self._dr.interpolate(attr.contiguous(), rast, tri.int().contiguous())
         return out
 
+    def topology(self, tri: torch.Tensor) -> Any:
+        """nvdiffrast's edge hash of `tri`: built by one kernel, reusable while `tri` does not change."""
+        return self._dr.antialias_construct_topology_hash(tri.int().contiguous())
+
     def antialias(
-        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor
+        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+        topology: Any = None,
     ) -> torch.Tensor:
-        return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri.int().contiguous())
+        return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri.int().contiguous(),
+                                  topology_hash=topology)

@@ -1,0 +1,54 @@
+"""The pure parts of benchmarks/chaos.py (the GPU script): its schedule and what it reads from run.json."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
+assert _spec and _spec.loader
+chaos = importlib.util.module_from_spec(_spec)
+sys.modules["chaos"] = chaos  # dataclasses look their module up there
+_spec.loader.exec_module(chaos)
+
+TIMELINE = {s: (2.0 + 5 * i, 6.0 + 5 * i) for i, s in enumerate(chaos.STAGES)}
+
+
+def test_schedule_is_seeded_and_covers_the_ranges() -> None:
+    grabs = chaos.schedule(200, ["0", "1"], {"0": TIMELINE, "1": TIMELINE}, seed=3)
+    assert grabs == chaos.schedule(200, ["0", "1"], {"0": TIMELINE, "1": TIMELINE}, seed=3)
+    assert grabs != chaos.schedule(200, ["0", "1"], {"0": TIMELINE, "1": TIMELINE}, seed=4)
+    assert [g.gpu for g in grabs[:4]] == ["0", "1", "0", "1"]
+    assert all(0.30 <= g.fraction <= 0.97 for g in grabs)
+    assert {g.target for g in grabs} == {"before", *chaos.STAGES}
+    for g in grabs:
+        if g.target == "before":
+            assert g.at_s == 0.0
+        else:
+            lo, hi = TIMELINE[g.target]
+            assert lo <= g.at_s <= hi
+    held = [g.hold_s < 0 for g in grabs]
+    assert 0.3 < sum(held) / len(held) < 0.7
+    assert all(2.0 <= g.hold_s <= 20.0 for g in grabs if g.hold_s >= 0)
+
+
+def _attempt(stage: str, outcome: str, start: float, wall: float, peak: int = 0, cap: int = 0) -> dict:
+    return {"stage": stage, "outcome": outcome, "started_s": start, "wall_s": wall, "measured_gpu_bytes": peak,
+            "cap_bytes": cap}
+
+
+def test_what_the_table_reads_from_the_attempts() -> None:
+    attempts = [_attempt("segment", "skipped", 0, 0), _attempt("features", "ok", 1, 2, 5, 10),
+                _attempt("rgb", "out of GPU memory", 4, 3, 9, 10), _attempt("rgb", "ok", 8, 3, 6, 7),
+                _attempt("rgb", "ok", 12, 1, 6, 7)]  # fmt: skip
+    assert chaos.stage_at(attempts, 0.5) == "before"
+    assert chaos.stage_at(attempts, 2.0) == "features"
+    assert chaos.stage_at(attempts, 3.5) == "between"
+    assert chaos.stage_at(attempts, 5.0) == "rgb"
+    assert chaos.stage_at(attempts, 99.0) == "after"
+    assert chaos.recomputed(attempts) == ["rgb"]
+    assert chaos.peak_vs_cap(attempts, context_bytes=1) == (9, 11, True)
+    assert chaos.peak_vs_cap(attempts, context_bytes=0)[2] is True
+    assert chaos.peak_vs_cap([_attempt("rgb", "ok", 0, 1, 12, 10)], context_bytes=1) == (12, 11, False)
