@@ -331,7 +331,8 @@ def test_job_command_round_trips_through_the_cli_with_absolute_paths(capsys, tmp
     monkeypatch.chdir(tmp_path)
     write_photos(tmp_path / "people" / "ann")
     opts = RunOptions(vram="12GB", device="cpu", tiny=True, views=6, steps=3, thg_interval=2, max_retries=1,
-                      wait_for_vram_s=90, overrides=(("mesh_iters", 5),))  # fmt: skip
+                      wait_for_vram_s=90, wait_for_siblings_s=600, time_budget_s=3600,
+                      overrides=(("mesh_iters", 5),))  # fmt: skip
     cmd = job_command(Path("people/ann"), Path("out/ann"), None, opts)
     assert cmd[1:4] == ["-m", "stages.lifeline", "cli"]
     assert cmd[4] == str(tmp_path / "people" / "ann") and cmd[cmd.index("--out") + 1] == str(tmp_path / "out" / "ann")
