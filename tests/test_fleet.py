@@ -162,7 +162,8 @@ def test_six_subjects_on_two_gpus_one_bad_then_a_rerun_skips(tmp_path: Path, fle
     text = buf.getvalue()
     assert result.exit_code == 1, text
     rows = {r["subject"]: r for r in result.rows}
-    assert rows["cid"]["outcome"] == "failed" and "photo_0.jpg cannot be read as an image" in rows["cid"]["message"]
+    assert rows["cid"]["outcome"] == "failed" and "cid/photo_0.jpg" in rows["cid"]["message"]
+    assert "re-export it as JPEG or PNG" in rows["cid"]["message"]  # the input check's own one line
     good = [n for n in names if n != "cid"]
     assert all(rows[n]["outcome"] == "ok" for n in good), text
     for n in good:
