@@ -162,7 +162,8 @@ def test_six_subjects_on_two_gpus_one_bad_then_a_rerun_skips(tmp_path: Path, fle
     text = buf.getvalue()
     assert result.exit_code == 1, text
     rows = {r["subject"]: r for r in result.rows}
-    assert rows["cid"]["outcome"] == "failed" and "photo_0.jpg cannot be read as an image" in rows["cid"]["message"]
+    assert rows["cid"]["outcome"] == "failed" and "cid/photo_0.jpg" in rows["cid"]["message"]
+    assert "re-export it as JPEG or PNG" in rows["cid"]["message"]  # the input check's own one line
     good = [n for n in names if n != "cid"]
     assert all(rows[n]["outcome"] == "ok" for n in good), text
     for n in good:
@@ -331,7 +332,7 @@ def test_job_command_round_trips_through_the_cli_with_absolute_paths(capsys, tmp
     monkeypatch.chdir(tmp_path)
     write_photos(tmp_path / "people" / "ann")
     opts = RunOptions(vram="12GB", device="cpu", tiny=True, views=6, steps=3, thg_interval=2, max_retries=1,
-                      wait_for_vram_s=90, overrides=(("mesh_iters", 5),))  # fmt: skip
+                      wait_for_vram_s=90, wait_for_siblings_s=600, overrides=(("mesh_iters", 5),))  # fmt: skip
     cmd = job_command(Path("people/ann"), Path("out/ann"), None, opts)
     assert cmd[1:4] == ["-m", "stages.lifeline", "cli"]
     assert cmd[4] == str(tmp_path / "people" / "ann") and cmd[cmd.index("--out") + 1] == str(tmp_path / "out" / "ann")
@@ -339,5 +340,6 @@ def test_job_command_round_trips_through_the_cli_with_absolute_paths(capsys, tmp
     assert cli.main([*cmd[4:], "--plan", "--json"]) == 0  # every option the fleet passes is the CLI's
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert (plan["views"], plan["steps"], plan["thg_interval"], plan["mesh_iters"]) == (6, 3, 2, 5)
-    real = job_command(Path("a"), Path("b"), 0, RunOptions())
+    real = job_command(Path("a"), Path("b"), 0, RunOptions(time_budget_s=600))
+    assert real[real.index("--time-budget") + 1] == "600"
     assert real[real.index("--weights") + 1] == str(tmp_path / "weights")  # the default, made absolute

@@ -20,7 +20,9 @@ def job_args(options: RunOptions) -> list[str]:
     # the job may run elsewhere (another cwd, a Ray worker): paths go absolute, the default weights folder too
     weights = o.weights or (None if o.tiny or o.full_random else Path("weights"))
     args = ["--vram", o.vram, "--max-retries", str(o.max_retries), "--wait-for-vram", f"{o.wait_for_vram_s:g}",
-            "--prefer", o.prefer, "--device", o.device]  # fmt: skip
+            "--wait-for-siblings", f"{o.wait_for_siblings_s:g}", "--prefer", o.prefer, "--device", o.device]  # fmt: skip
+    if o.time_budget_s is not None:
+        args += ["--time-budget", f"{o.time_budget_s:g}"]
     for flag, value in (("--views", o.views), ("--resolution", o.resolution), ("--steps", o.steps),
                         ("--thg-interval", o.thg_interval), ("--weights", weights and weights.resolve())):
         if value is not None:

@@ -84,8 +84,9 @@ def write_summary(out: Path, records: Sequence[SubjectRecord], meta: dict[str, A
 
 
 def plot_fleet_timeline(path: Path, records: Sequence[SubjectRecord]) -> bool:
-    """One panel per GPU: each subject's memory over fleet time (from its run.json samples), their sum and
-    the card's total. Sample times are placed at the job's end minus its wall time (planning is inside)."""
+    """One panel per GPU: each subject's memory over fleet time (from its run.json samples), their sum, the
+    sum of the running jobs' planned peaks (what the queue packed by) and the card's total. Sample times
+    are placed at the job's end minus its wall time (planning is inside)."""
     series: dict[str, list[tuple[str, list[float], list[float]]]] = {}
     totals: dict[str, int] = {}
     for rec in records:
@@ -122,6 +123,10 @@ def plot_fleet_timeline(path: Path, records: Sequence[SubjectRecord]) -> bool:
         if grid:
             xs = sorted(grid)
             ax.plot(xs, [grid[x] for x in xs], color="black", linewidth=1.5, label="sum (1 s bins)")
+        claimed = _claimed(records, name)
+        if claimed:
+            ax.step(*zip(*claimed, strict=True), where="post", color="gray", linestyle=":",
+                    label="planned peaks of the running jobs")  # fmt: skip
         if name in totals:
             ax.axhline(totals[name] / GiB, color="red", linestyle="--", label="GPU total")
         ax.set_ylabel("GiB")
@@ -142,3 +147,16 @@ def _bin_means(ts: list[float], ys: list[float]) -> dict[float, float]:
         acc[0] += y
         acc[1] += 1
     return {k: a / n for k, (a, n) in sums.items()}
+
+
+def _claimed(records: Sequence[SubjectRecord], gpu: str) -> list[tuple[float, float]]:
+    """(time, GiB) steps of the sum of the planned peaks of the jobs running on `gpu`: what the queue packed by."""
+    events: list[tuple[float, float]] = []
+    for r in records:
+        if r.gpu == gpu and r.started_s is not None and r.ended_s is not None and r.need_bytes:
+            events += [(r.started_s, r.need_bytes / GiB), (r.ended_s, -r.need_bytes / GiB)]
+    out, level = [], 0.0
+    for t, delta in sorted(events):
+        level += delta
+        out.append((t, max(0.0, level)))
+    return out
