@@ -159,12 +159,13 @@ def _config(name: str) -> tuple[str, int]:
     raise SystemExit(f"--configs: unknown configuration {name!r} (old, new, newK)")
 
 
-def _fit(impl: str, chunk: int, raster: Any, inputs: dict[str, Any], target: torch.Tensor, mask: torch.Tensor,
+def _fit(impl: str, chunk: int, raster: Any, inputs: dict[str, Any], targets: tuple[torch.Tensor, ...],
          iters: int, timer: PhaseTimer, progress: dict[int, tuple[float, int]], t0: float) -> tuple[Any, ...]:
+    """`targets`: (target, mask) for the reference fit, (goal,) for the fast one, as each stage holds them."""
     from up2you.geometry import reference
     from up2you.geometry.reconstruct import fit_mesh
 
-    dev = target.device
+    dev = targets[0].device
     body, faces = inputs["body"].to(dev), inputs["faces"].to(dev)
 
     def mark(it: int, loss: float, n_faces: int) -> None:
@@ -173,16 +174,16 @@ def _fit(impl: str, chunk: int, raster: Any, inputs: dict[str, Any], target: tor
 
     torch.manual_seed(0)
     if impl == "old":
-        return reference.fit_mesh(raster, body, faces, target, mask, inputs["yaws"], iters, RADIUS,
+        return reference.fit_mesh(raster, body, faces, *targets, inputs["yaws"], iters, RADIUS,
                                   on_step=mark, phase=timer)
-    return fit_mesh(raster, body, faces, target, mask, inputs["yaws"], iters, RADIUS, view_chunk=chunk,
+    return fit_mesh(raster, body, faces, targets[0], inputs["yaws"], iters, RADIUS, view_chunk=chunk,
                     on_log=mark, log_every=50, phase=timer)
 
 
 def run_config(args: argparse.Namespace, name: str, inputs_path: Path, result_path: Path) -> dict[str, Any]:
     from budgets.table import load_table, predict
     from stages.plan import Plan
-    from up2you.geometry.reconstruct import normal_targets, view_chunks
+    from up2you.geometry.reconstruct import fit_goal, normal_targets, view_chunks
     from up2you.render import get_rasterizer
 
     impl, chunk = _config(name)
@@ -193,7 +194,9 @@ def run_config(args: argparse.Namespace, name: str, inputs_path: Path, result_pa
     t = time.perf_counter()
     raster = get_rasterizer(dev)
     load_s = time.perf_counter() - t
-    target, mask = normal_targets(inputs["images"].to(dev), inputs["alphas"].to(dev), args.mesh_resolution)
+    targets = normal_targets(inputs["images"].to(dev), inputs["alphas"].to(dev), args.mesh_resolution)
+    if impl == "new":
+        targets = (fit_goal(*targets),)
     out: dict[str, Any] = {"config": name, "impl": impl, "view_chunk": chunk, "rasterizer_load_s": round(load_s, 2),
                            "rasterize_calls_per_iteration": 1 if impl == "old" else len(view_chunks(n_views, chunk))}
 
@@ -205,7 +208,7 @@ def run_config(args: argparse.Namespace, name: str, inputs_path: Path, result_pa
             counter.caught = caught
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                _fit(impl, chunk, raster, inputs, target, mask, args.sync_iters, counter, {}, time.perf_counter())
+                _fit(impl, chunk, raster, inputs, targets, args.sync_iters, counter, {}, time.perf_counter())
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         out["syncs_per_iteration"] = {k: round(v / args.sync_iters, 2) for k, v in sorted(counter.syncs.items())}
@@ -219,7 +222,7 @@ def run_config(args: argparse.Namespace, name: str, inputs_path: Path, result_pa
     progress: dict[int, tuple[float, int]] = {}
     _sync(dev)
     t0 = time.perf_counter()
-    verts, faces, losses = _fit(impl, chunk, raster, inputs, target, mask, args.iters, timer, progress, t0)
+    verts, faces, losses = _fit(impl, chunk, raster, inputs, targets, args.iters, timer, progress, t0)
     _sync(dev)
     wall = time.perf_counter() - t0
     out.update({
