@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from up2you.geometry.assets import body_model  # noqa: E402
 from up2you.geometry.body import apose_mesh  # noqa: E402
 from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals  # noqa: E402
-from up2you.geometry.reconstruct import fit_mesh, normal_targets  # noqa: E402
+from up2you.geometry.reconstruct import fit_goal, fit_mesh, normal_targets  # noqa: E402
 from up2you.render.camera import orbit_mvps, to_clip  # noqa: E402
 from up2you.render.draw import normal_attr, render_attr  # noqa: E402
 from up2you.render.nvdiffrast_backend import NvdiffrastRasterizer, load_nvdiffrast  # noqa: E402
@@ -121,7 +121,7 @@ def main() -> None:
     del tgt_img, tgt_a, poses
 
     def mesh() -> list[float]:
-        return fit_mesh(nv, b * 0.97, f, target, mask, yaws20, args.mesh_iters, 2.0)[2]
+        return fit_mesh(nv, b * 0.97, f, fit_goal(target, mask), yaws20, args.mesh_iters, 2.0)[2]
 
     losses, m = measure(mesh)
     m["iterations"] = args.mesh_iters

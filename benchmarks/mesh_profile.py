@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GiB = 2**30
 BOUND, RADIUS = 1.8, 2.0  # stages/mesh.py's frame
+POST_PHASES = ("hands", "poisson", "colours", "export_obj_glb")
 
 
 def _sync(dev: torch.device) -> None:
@@ -159,12 +160,13 @@ def _config(name: str) -> tuple[str, int]:
     raise SystemExit(f"--configs: unknown configuration {name!r} (old, new, newK)")
 
 
-def _fit(impl: str, chunk: int, raster: Any, inputs: dict[str, Any], target: torch.Tensor, mask: torch.Tensor,
+def _fit(impl: str, chunk: int, raster: Any, inputs: dict[str, Any], targets: tuple[torch.Tensor, ...],
          iters: int, timer: PhaseTimer, progress: dict[int, tuple[float, int]], t0: float) -> tuple[Any, ...]:
+    """`targets`: (target, mask) for the reference fit, (goal,) for the fast one, as each stage holds them."""
     from up2you.geometry import reference
     from up2you.geometry.reconstruct import fit_mesh
 
-    dev = target.device
+    dev = targets[0].device
     body, faces = inputs["body"].to(dev), inputs["faces"].to(dev)
 
     def mark(it: int, loss: float, n_faces: int) -> None:
@@ -173,16 +175,16 @@ def _fit(impl: str, chunk: int, raster: Any, inputs: dict[str, Any], target: tor
 
     torch.manual_seed(0)
     if impl == "old":
-        return reference.fit_mesh(raster, body, faces, target, mask, inputs["yaws"], iters, RADIUS,
+        return reference.fit_mesh(raster, body, faces, *targets, inputs["yaws"], iters, RADIUS,
                                   on_step=mark, phase=timer)
-    return fit_mesh(raster, body, faces, target, mask, inputs["yaws"], iters, RADIUS, view_chunk=chunk,
+    return fit_mesh(raster, body, faces, targets[0], inputs["yaws"], iters, RADIUS, view_chunk=chunk,
                     on_log=mark, log_every=50, phase=timer)
 
 
 def run_config(args: argparse.Namespace, name: str, inputs_path: Path, result_path: Path) -> dict[str, Any]:
     from budgets.table import load_table, predict
     from stages.plan import Plan
-    from up2you.geometry.reconstruct import normal_targets, view_chunks
+    from up2you.geometry.reconstruct import fit_goal, normal_targets, view_chunks
     from up2you.render import get_rasterizer
 
     impl, chunk = _config(name)
@@ -193,7 +195,9 @@ def run_config(args: argparse.Namespace, name: str, inputs_path: Path, result_pa
     t = time.perf_counter()
     raster = get_rasterizer(dev)
     load_s = time.perf_counter() - t
-    target, mask = normal_targets(inputs["images"].to(dev), inputs["alphas"].to(dev), args.mesh_resolution)
+    targets = normal_targets(inputs["images"].to(dev), inputs["alphas"].to(dev), args.mesh_resolution)
+    if impl == "new":
+        targets = (fit_goal(*targets),)
     out: dict[str, Any] = {"config": name, "impl": impl, "view_chunk": chunk, "rasterizer_load_s": round(load_s, 2),
                            "rasterize_calls_per_iteration": 1 if impl == "old" else len(view_chunks(n_views, chunk))}
 
@@ -205,7 +209,7 @@ def run_config(args: argparse.Namespace, name: str, inputs_path: Path, result_pa
             counter.caught = caught
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                _fit(impl, chunk, raster, inputs, target, mask, args.sync_iters, counter, {}, time.perf_counter())
+                _fit(impl, chunk, raster, inputs, targets, args.sync_iters, counter, {}, time.perf_counter())
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         out["syncs_per_iteration"] = {k: round(v / args.sync_iters, 2) for k, v in sorted(counter.syncs.items())}
@@ -219,7 +223,7 @@ def run_config(args: argparse.Namespace, name: str, inputs_path: Path, result_pa
     progress: dict[int, tuple[float, int]] = {}
     _sync(dev)
     t0 = time.perf_counter()
-    verts, faces, losses = _fit(impl, chunk, raster, inputs, target, mask, args.iters, timer, progress, t0)
+    verts, faces, losses = _fit(impl, chunk, raster, inputs, targets, args.iters, timer, progress, t0)
     _sync(dev)
     wall = time.perf_counter() - t0
     out.update({
@@ -250,7 +254,7 @@ def run_config(args: argparse.Namespace, name: str, inputs_path: Path, result_pa
     # 3. the rest of the stage on this mesh
     if impl == "new" and chunk == 0 and not args.no_post:
         out["post_s"] = time_post(args, inputs, verts, faces, raster, dev)
-        out["stage_estimate_s"] = round(out["fit_s"] + sum(out["post_s"].values()), 2)
+        out["stage_estimate_s"] = round(out["fit_s"] + sum(v for k, v in out["post_s"].items() if k in POST_PHASES), 2)
     return out
 
 
@@ -274,10 +278,11 @@ def time_post(args: argparse.Namespace, inputs: dict[str, Any], verts: torch.Ten
     times["hands"] = time.perf_counter() - t
     t = time.perf_counter()
     normals = vertex_normals(torch.from_numpy(v).float(), torch.from_numpy(f).long()).numpy()
+    poisson_ran = True
     try:
         pv, pf = poisson(v, normals, depth=10)
-    except PoissonUnavailable:
-        pv, pf = v.astype(np.float32), f.astype(np.int64)
+    except PoissonUnavailable:  # as the stage does: keep the remeshed surface
+        pv, pf, poisson_ran = v.astype(np.float32), f.astype(np.int64), False
     times["poisson"] = time.perf_counter() - t
     t = time.perf_counter()
     yaws = inputs["yaws"]
@@ -293,7 +298,7 @@ def time_post(args: argparse.Namespace, inputs: dict[str, Any], verts: torch.Ten
         mesh.export(Path(tmp) / "mesh.obj")
         mesh.export(Path(tmp) / "mesh.glb")
     times["export_obj_glb"] = time.perf_counter() - t
-    return {k: round(s, 2) for k, s in times.items()} | {"poisson_vertices": int(pv.shape[0])}
+    return {k: round(s, 2) for k, s in times.items()} | {"poisson_ran": poisson_ran, "poisson_vertices": int(pv.shape[0])}
 
 
 # --- parent: comparisons ----------------------------------------------------------------------------

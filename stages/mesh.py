@@ -42,7 +42,7 @@ def run(ctx: StageContext, assets: Any) -> None:
     from up2you.geometry.hands import replace_hands
     from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals
     from up2you.geometry.poisson import PoissonUnavailable, poisson
-    from up2you.geometry.reconstruct import fit_mesh, normal_targets
+    from up2you.geometry.reconstruct import fit_goal, fit_mesh, normal_targets
     from up2you.render import get_rasterizer
     from up2you.views import color_weights
 
@@ -58,15 +58,15 @@ def run(ctx: StageContext, assets: Any) -> None:
                             "assets; rerun apose with the same weights")
     body_n, centre, scale = normalize_to_bound(body_m, BOUND)
     raster = get_rasterizer(dev)
-    target, mask = normal_targets(nrm["images"], nrm["alphas"], plan.mesh_resolution)
+    goal = fit_goal(*normal_targets(nrm["images"], nrm["alphas"], plan.mesh_resolution))
     del nrm
 
     def log(it: int, loss: float, n_faces: int) -> None:
         ctx.log(f"iter {it}: loss {loss:.4f}, {n_faces} faces")
 
-    verts, faces, losses = fit_mesh(raster, body_n.to(dev), body_f.to(dev), target.to(dev), mask.to(dev), yaws,
-                                    plan.mesh_iters, RADIUS, view_chunk=plan.mesh_view_chunk, on_log=log)
-    del target, mask
+    verts, faces, losses = fit_mesh(raster, body_n.to(dev), body_f.to(dev), goal.to(dev), yaws, plan.mesh_iters,
+                                    RADIUS, view_chunk=plan.mesh_view_chunk, on_log=log)
+    del goal
     ctx.free_memory()
     v, f = replace_hands(verts.cpu().numpy(), faces.cpu().numpy(), body_n.numpy(), body_f.numpy(), hand_ids, lmk)
     normals = vertex_normals(torch.from_numpy(v).float(), torch.from_numpy(f).long()).numpy()

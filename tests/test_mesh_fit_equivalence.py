@@ -15,7 +15,7 @@ import torch
 
 from up2you.geometry import reference
 from up2you.geometry.mesh_ops import count_index, unique_edges, vertex_normals
-from up2you.geometry.reconstruct import fit_mesh, view_chunks
+from up2you.geometry.reconstruct import fit_goal, fit_mesh, view_chunks
 from up2you.geometry.remesh import collapse_short_edges, flip_edges, remesh, split_long_edges
 from up2you.geometry.tiny import _ellipsoid
 from up2you.render.camera import orbit_mvps
@@ -54,7 +54,7 @@ def problem() -> tuple[torch.Tensor, ...]:
 def _fit(problem: tuple[torch.Tensor, ...], **kw: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     v, f, target, mask = problem
     torch.manual_seed(0)  # the collapse draws random numbers: same seed, same draws
-    return fit_mesh(TorchRasterizer(), v, f, target, mask, YAWS, ITERS, **kw)
+    return fit_mesh(TorchRasterizer(), v, f, fit_goal(target, mask), YAWS, ITERS, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,15 @@ def normal_targets(normals: torch.Tensor, alphas: torch.Tensor, resolution: int)
     return n * mask, mask[:, 0]
 
 
+def fit_goal(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`normal_targets`' (N,3,R,R) target and (N,R,R) mask as the fit's one channels-last (N,R,R,4) goal.
+
+    The loss compares it with the rendered (normal, alpha) buffer in one pass; build it once, before
+    the fit, and hand it over without keeping the two parts (they would double the target memory).
+    """
+    return torch.cat([target.permute(0, 2, 3, 1), mask[..., None]], dim=-1).contiguous()
+
+
 def view_chunks(n_views: int, view_chunk: int) -> list[slice]:
     """The view ranges rendered together: all views when `view_chunk` is 0 or >= n_views."""
     k = view_chunk if 0 < view_chunk < n_views else n_views
@@ -58,22 +67,21 @@ def view_chunks(n_views: int, view_chunk: int) -> list[slice]:
 
 
 def fit_mesh(
-    rast_backend: Rasterizer, verts: torch.Tensor, faces: torch.Tensor, target: torch.Tensor,
-    mask: torch.Tensor, yaws: list[float], iters: int, radius: float = 2.0,
+    rast_backend: Rasterizer, verts: torch.Tensor, faces: torch.Tensor, goal: torch.Tensor,
+    yaws: list[float], iters: int, radius: float = 2.0,
     settings: RemeshSettings | None = None, view_chunk: int = 0,
     on_log: Callable[[int, float, int], None] | None = None, log_every: int = 50, phase: Phase = _no_phase,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Optimise `verts`/`faces` (normalised frame) so their normal renders match `target`/`mask`.
+    """Optimise `verts`/`faces` (normalised frame) so their normal renders match `goal` (`fit_goal`).
 
     Loss = L1(rendered (n+1)/2 x alpha, target) + L1(alpha, mask), means over all pixels of all
     views; every iteration is a step and a remesh. `on_log(iteration, loss, faces)` is called every
     `log_every` iterations and after the last (each call reads the loss back from the device).
     Returns (verts, faces, loss per iteration).
     """
-    n_views, res = target.shape[0], target.shape[-1]
+    n_views, res = goal.shape[0], goal.shape[1]
     dev = verts.device
     mvps = orbit_mvps(yaws, radius).to(dev)
-    goal = torch.cat([target.permute(0, 2, 3, 1), mask[..., None]], dim=-1).contiguous()  # (N,R,R,4)
     # the two means as one weighted sum: 1/(3 N R^2) on the normal channels, 1/(N R^2) on alpha
     weight = torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0], device=dev) / (n_views * res * res)
     chunks = view_chunks(n_views, view_chunk)
