@@ -1,4 +1,5 @@
-"""Tiny random SD 2.1-base folder + UP2You adapter files in the released layout (tests, `--tiny`).
+"""Random SD 2.1-base folder + UP2You adapter files in the released layout: tiny (tests, `--tiny`) or at
+any configs (`write_diffusion`; up2you.fullsize writes the full-size set).
 
 The UNet keeps SD 2.1's structure (3 CrossAttnDown + DownBlock2D, UpBlock2D + 3 CrossAttnUp,
 2 layers per block, linear projections), so its 16 attn1 processors and the 198 adapter key names are

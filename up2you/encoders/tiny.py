@@ -1,7 +1,8 @@
-"""Tiny random encoder checkpoints in the released on-disk formats, for tests and `--tiny` runs.
+"""Random encoder checkpoints in the released on-disk formats: tiny for tests and `--tiny` runs, full
+size (`EncoderSizes` from up2you.fullsize, `fast` fill) for the full-files benchmark profile.
 
 Every file is written with the same names and key layout as the released one, only narrower and
-shallower, so the real loaders (which infer widths and depths from the files) are what the tests run.
+shallower at tiny sizes, so the real loaders (which infer widths and depths from the files) are what the tests run.
 """
 
 from __future__ import annotations
