@@ -2,12 +2,19 @@
 budget table, measured with NVML, compared with ComfyUI's heuristic.
 
     OUT=/some/dir python benchmarks/run_benchmark.py [--runs uncapped,8GB,cfg] [--quick] [--gpu 0]
+        [--profile full-random | --profile full-files --weights-cache /tmp/up2you-full-files]
     python benchmarks/run_benchmark.py --merge a/benchmark.json b/benchmark.json --out merged/
 
-Runs (each a fresh job folder, synthetic photos, profile full-random, 50 steps, THG fixed-3 unless said):
+Profiles: `full-random` builds the full-size models on `meta` and reads no file (start-up is not what a
+user pays); `full-files` first writes full-size random checkpoints in the released layout into
+--weights-cache once (up2you.fullsize; ~9 GB, kept for the next invocation) and runs with profile
+`real` on them, so every stage loads its files through the strict loaders, as a user's run does.
+
+Runs (each a fresh job folder, synthetic photos, 50 steps, THG fixed-3 unless said):
   uncapped    --vram auto                     12GB / 8GB / 6GB   --vram that much
   cfg         the uncapped plan with THG off (plain CFG: the uncond branch every step)
   noprestart  the uncapped plan with the next stage NOT pre-started (UP2YOU_PRESTART=0)
+  ahead1      the uncapped plan pre-starting only the next stage (UP2YOU_PRESTART_AHEAD=1, the old way)
   neighbour   --vram auto, and 20 s in another process takes 66 GiB of the GPU and holds it: the stage
               that then runs out of memory must be retried under a re-read budget and the run must finish
 Writes $OUT/benchmark.json and $OUT/benchmark.png and prints the table; see benchmarks/README.md.
@@ -34,13 +41,16 @@ from budgets import comfy_heuristic  # noqa: E402
 from budgets.table import BudgetTable, load_table, predict  # noqa: E402
 from orchestrator.calibrate import write_photos  # noqa: E402
 from orchestrator.job import RunOptions, run_job  # noqa: E402
+from orchestrator.planner import predict_time  # noqa: E402
+from orchestrator.prestart import AHEAD_ENV, startup_report  # noqa: E402
 from orchestrator.probe import NvmlProbe  # noqa: E402
 from orchestrator.runner import PRESTART_ENV  # noqa: E402
 from stages.jobfs import JobDir  # noqa: E402
 from stages.plan import Plan  # noqa: E402
+from stages.spec import UP2YOU  # noqa: E402
 
 GiB = 2**30
-RUNS = ("uncapped", "12GB", "8GB", "6GB", "cfg", "noprestart", "neighbour")
+RUNS = ("uncapped", "12GB", "8GB", "6GB", "cfg", "noprestart", "ahead1", "neighbour")
 # a real neighbour: a separate process (own CUDA context) that grabs memory after the plan was made
 NEIGHBOUR = ("import sys, time, torch; time.sleep(float(sys.argv[1])); "
              "x = torch.empty(int(float(sys.argv[2]) * 2**30), dtype=torch.uint8, device='cuda'); "
@@ -52,10 +62,14 @@ con = Console(width=170)
 def run_one(name: str, photos: Path, out: Path, args: argparse.Namespace, table: BudgetTable) -> dict[str, Any]:
     vram = name if name.endswith("GB") else "auto"
     os.environ[PRESTART_ENV] = "0" if name == "noprestart" else "1"
+    if name == "ahead1":
+        os.environ[AHEAD_ENV] = "1"
     steps = 10 if args.quick else args.steps
     overrides = ({"mesh_iters": 100} if args.quick else {}) | ({"thg_schedule": "off"} if name == "cfg" else {})
+    files = args.profile == "full-files"
     opts = RunOptions(vram=vram, gpu=args.gpu, steps=steps, thg_interval=3, max_retries=2, quiet=True,
-                      full_random=True, overrides=tuple(overrides.items()))  # fmt: skip
+                      full_random=not files, weights=args.weights_cache if files else None,
+                      overrides=tuple(overrides.items()))  # fmt: skip
     shutil.rmtree(args.work / "runs" / name, ignore_errors=True)  # a warm machine must not resume an old run
     neighbour = (subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "20", "66"]) if name == "neighbour"
                  else None)  # fmt: skip
@@ -68,6 +82,7 @@ def run_one(name: str, photos: Path, out: Path, args: argparse.Namespace, table:
             neighbour.wait()
     wall = time.monotonic() - t
     os.environ[PRESTART_ENV] = "1"
+    os.environ.pop(AHEAD_ENV, None)
     return summarise(name, report, wall, table)
 
 
@@ -75,7 +90,9 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
     r = report.pipeline_result
     plan = r.choice.plan if r else report.choice.plan
     job = JobDir(report.job_dir)
+    startup = startup_report(r.attempts, {a.stage: job.read_manifest(a.stage) or {} for a in r.attempts}) if r else {}
     stages: dict[str, Any] = {}
+    times = predict_time(UP2YOU, table, plan, report.n_photos)  # the table's time model, a fresh pre-started run
     for a in r.attempts if r else []:
         if a.outcome == "skipped":
             continue
@@ -90,9 +107,14 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
             "torch_peak_allocated": m.get("torch_peak_allocated"), "torch_peak_reserved": m.get("torch_peak_reserved"),
             "wall_s": round(a.wall_s, 3), "run_s": tm.get("run_s"), "import_s": tm.get("import_s"),
             "prepare_s": tm.get("prepare_s"), "materialize_s": tm.get("materialize_s", 0.0),
-            "hidden_startup_s": round(a.hidden_startup_s, 3),
+            "hidden_startup_s": round(a.hidden_startup_s, 3), "setup_s": tm.get("setup_s"),
+            "not_hidden_startup_s": startup.get(a.stage, {}).get("not_hidden_s"),
             "denoise_s": ex.get("diffusion_denoise_s"), "nfe": ex.get("diffusion_nfe"),
         }  # fmt: skip
+        pt = times.get(a.stage) if times else None
+        if pt is not None:
+            row |= {"predicted_wall_s": round(pt.wall_s, 3), "predicted_run_s": round(pt.run_s, 3),
+                    "time_error_pct": _err(pt.wall_s, a.wall_s)}  # fmt: skip
         if a.stage in DIFFUSION:
             p = Plan.from_dict(m["plan"]) if m.get("plan") else plan
             comfy = comfy_heuristic.diffusion_stage_bytes(
@@ -113,7 +135,9 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
         "import_s": round(sum(s["import_s"] or 0.0 for s in stages.values()), 3),
         "prepare_s": round(sum(s["prepare_s"] or 0.0 for s in stages.values()), 3),
         "hidden_startup_s": round(sum(s["hidden_startup_s"] for s in stages.values()), 3),
+        "not_hidden_startup_s": round(sum(s["not_hidden_startup_s"] or 0.0 for s in stages.values()), 3),
         "peak_nvml_bytes": max((s["measured_nvml_bytes"] or 0 for s in stages.values()), default=0),
+        "predicted_total_s": round(times.total_s, 3) if times else None,
     }  # fmt: skip
 
 
@@ -152,25 +176,37 @@ def goals(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         g["overhead_ok"] = (runs["uncapped"]["overhead_pct"] or 100) <= 5
     if "noprestart" in runs:
         g["overhead_pct_no_prestart"] = runs["noprestart"]["overhead_pct"]
+    terrs = [abs(s["time_error_pct"]) for r in runs.values() for s in r["stages"].values()
+             if s.get("time_error_pct") is not None and s["attempt"] == 1]  # fmt: skip
+    if terrs:  # predicted vs measured stage wall (retried stages are started afresh: not what the plan predicts)
+        g["time_max_abs_error_pct"] = max(terrs)
+        g["time_within_15pct"] = round(sum(e <= 15 for e in terrs) / len(terrs), 3)
     return g
 
 
 def print_table(runs: dict[str, dict[str, Any]]) -> None:
     t = Table(title="predicted vs NVML-measured peak per stage (GiB), time (s)")
-    for col in ("run", "plan", "stage", "pred", "meas", "err %", "comfy", "comfy err %", "wall s"):
+    for col in ("run", "plan", "stage", "pred", "meas", "err %", "comfy", "comfy err %", "wall s", "pred s",
+                "prepare s", "start-up hidden s", "not hidden s"):
         t.add_column(col, justify="right" if col not in ("run", "plan", "stage") else "left")
     for name, r in runs.items():
         for i, (stage, s) in enumerate(r["stages"].items()):
             t.add_row(name if i == 0 else "", r["plan_label"] if i == 0 else "", stage, _g(s["predicted_bytes"]),
                       _g(s["measured_nvml_bytes"]), _n(s["error_pct"]), _g(s.get("comfy_bytes")),
-                      _n(s.get("comfy_error_pct")), f"{s['wall_s']:.1f}")  # fmt: skip
+                      _n(s.get("comfy_error_pct")), f"{s['wall_s']:.1f}", _s(s.get("predicted_wall_s")),
+                      _s(s.get("prepare_s")), _s(s.get("hidden_startup_s")), _s(s.get("not_hidden_startup_s")))  # fmt: skip
         t.add_row("", f"total {r['wall_s']:.1f} s, overhead {r['overhead_s']:.1f} s ({r['overhead_pct']} %)",
-                  "", "", "", "", "", "", "", end_section=True)  # fmt: skip
+                  "", "", "", "", "", "", "", _s(r.get("predicted_total_s")), "", _s(r.get("hidden_startup_s")),
+                  _s(r.get("not_hidden_startup_s")), end_section=True)  # fmt: skip
     con.print(t)
 
 
 def _g(b: float | None) -> str:
     return f"{b / GiB:.2f}" if b else "-"
+
+
+def _s(v: float | None) -> str:
+    return f"{v:.1f}" if v is not None else "-"
 
 
 def _n(v: float | None) -> str:
@@ -204,6 +240,19 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def write_weights(folder: Path) -> dict[str, Any]:
+    """Full-size random checkpoint files, once per folder (a subprocess: the writer imports torch)."""
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "up2you.fullsize", str(folder)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"writing full-size weights to {folder} failed:\n{proc.stderr[-3000:]}")
+    con.print(proc.stdout.strip())
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    # freshly written files sit in the page cache: the runs read them as a user's second run would
+    return {"folder": str(folder), "bytes": size, "write_or_check_s": round(time.monotonic() - t, 1),
+            "writer": proc.stdout.strip()}
+
+
 def warm_up() -> None:
     """Read torch/diffusers from disk once, so the first run is not charged for a cold page cache."""
     subprocess.run([sys.executable, "-c", "import torch, diffusers, transformers; torch.zeros(1, device='cuda')"],
@@ -221,6 +270,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/up2you-bench"),
                     help="job folders and photos (GBs at 20x768: keep them out of $OUT)")
     ap.add_argument("--merge", nargs="*", type=Path, default=None, help="combine earlier benchmark.json files")
+    ap.add_argument("--profile", choices=("full-random", "full-files"), default="full-random",
+                    help="full-files: run on full-size random checkpoint files (written once into --weights-cache)")
+    ap.add_argument("--weights-cache", type=Path, default=Path("/tmp/up2you-full-files"),
+                    help="where --profile full-files writes (once) and reads the checkpoint files")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
@@ -236,6 +289,7 @@ def main() -> int:
         table = load_table(args.table)
         gpu = next(g for g in NvmlProbe().gpus() if str(g.index) == args.gpu)
         photos = write_photos(args.work / "photos")
+        written = write_weights(args.weights_cache) if args.profile == "full-files" else {}
         warm_up()
         runs = {}
         for n in names:
@@ -243,8 +297,8 @@ def main() -> int:
             runs[n] = run_one(n, photos, args.out, args, table)
             con.print(f"  {runs[n]['plan_label']}: {runs[n]['wall_s']:.1f} s, ok={runs[n]['ok']} {runs[n]['message']}")
         meta = {"gpu": gpu.name, "gpu_total_bytes": gpu.total, "table": f"{table.name}@v{table.version} ({table.path})",
-                "steps": 10 if args.quick else args.steps, "quick": args.quick,
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+                "steps": 10 if args.quick else args.steps, "quick": args.quick, "profile": args.profile,
+                "weights": written, "date": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     result = {"meta": meta, "runs": runs, "goals": goals(runs)}
     (args.out / "benchmark.json").write_text(json.dumps(result, indent=1, default=str))
     print_table(runs)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from budgets.timing import TimeModel
 from stages.plan import Plan
 
 TABLES_DIR = Path(__file__).parent / "tables"
@@ -39,6 +40,11 @@ def _unet_batch(plan: Plan) -> int:
     return 2 * plan.views if plan.cfg_mode == "batched" else plan.views
 
 
+def _mesh_chunk(plan: Plan) -> int:
+    """Views the mesh fit renders together: mesh_view_chunk of them, or all (0 or more than there are)."""
+    return min(plan.mesh_view_chunk, plan.views) if plan.mesh_view_chunk > 0 else plan.views
+
+
 Feature = Callable[[Plan, int], float]
 
 FEATURES: dict[str, Feature] = {
@@ -52,6 +58,7 @@ FEATURES: dict[str, Feature] = {
     "ref_chunk_res2": lambda p, r: min(r, p.ref_chunk) * _res2(p),
     "view_chunk_res2": lambda p, r: min(p.views, p.ref_chunk) * _res2(p),
     "mesh_views_px": lambda p, r: p.views * (p.mesh_resolution / _RENDER_RES) ** 2,
+    "mesh_chunk_px": lambda p, r: _mesh_chunk(p) * (p.mesh_resolution / _RENDER_RES) ** 2,
     "video_chunk_px": lambda p, r: min(p.video_chunk, p.video_frames) * (p.video_resolution / _RENDER_RES) ** 2,
 }  # fmt: skip
 """Simple features of a plan that coefficients multiply. `n_refs` is the number of input photos."""
@@ -124,6 +131,7 @@ class BudgetTable:
     margin_fraction: float  # plus this fraction of the predicted allocator peak
     stages: Mapping[str, StageModel]
     path: str = ""
+    time: TimeModel | None = None  # predicted seconds per stage (budgets.timing); None in tables before v3
 
     def margin(self, allocator_bytes: float) -> int:
         return int(self.margin_bytes + self.margin_fraction * allocator_bytes)
@@ -135,7 +143,7 @@ class BudgetTable:
             "margin": {"bytes": self.margin_bytes, "fraction": self.margin_fraction},
             "stages": {s: {"notes": m.notes, "terms": [t.to_dict() for t in m.terms]}
                        for s, m in self.stages.items()},
-        }  # fmt: skip
+        } | ({"time": self.time.to_dict()} if self.time is not None else {})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ def table_from_dict(d: Mapping[str, Any], path: str = "") -> BudgetTable:
         name=d["name"], version=int(d["version"]), pipeline=d["pipeline"], provenance=d.get("provenance", {}),
         context_bytes=int(d["context_bytes"]), margin_bytes=int(d["margin"]["bytes"]),
         margin_fraction=float(d["margin"]["fraction"]), stages=stages, path=path,
+        time=TimeModel.from_dict(d["time"]) if "time" in d else None,
     )  # fmt: skip
 
 

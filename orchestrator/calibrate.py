@@ -15,6 +15,13 @@ whose cache key did not change (segment, features; apose/weights per views x res
 the memory-only knobs (cfg_mode, vae_mode, offload) are not in the keys, so the diffusion stages are
 invalidated explicitly between grid points that differ only in them.
 
+Time: every stage's start-up and run time is recorded too, and the table's `time` section
+(budgets.timing) is fitted from them (budgets.timing_fit). Short runs pin only the fixed terms, so the
+full grid ends with two full-length points (50 steps, 700 mesh iterations, 64 frames; THG fixed-3
+batched at 20 views, plain CFG sequential at 12 views) that pin the per-step, per-iteration and per-frame
+terms; they are left out of the memory fit (the memory side stays what the short grid measures). A grid
+without them (--quick, --tiny) keeps the template's per-step terms and says so in the provenance.
+
 The fit (per stage, all phases at once): peak(phase) = sum of the resident terms + that phase's terms,
 non-negative least squares over every (grid point, phase) measurement; terms whose feature columns
 are identical over the grid (e.g. several constant weight terms) share one fitted total in the ratio
@@ -40,6 +47,8 @@ import numpy as np
 
 from budgets.fit import FitRow
 from budgets.table import RESIDENT, TABLES_DIR, BudgetTable, StageModel, Term, load_table, predict, save_table
+from budgets.timing import TimeModel
+from budgets.timing_fit import calibration_rows, fit_time_model
 from orchestrator.corrections import Corrections
 from orchestrator.inputs import scan_inputs
 from orchestrator.planner import Candidate, Constraints, MemoryStep, PlanChoice, evaluate
@@ -68,13 +77,18 @@ class GridPoint:
     cfg_mode: str = "batched"
     vae_mode: str = "sliced"
     offload: str = "none"
+    thg_interval: int = 3
+    full_length: bool = False  # the Plan's own steps/mesh_iters/video_frames instead of the fast ones (time)
 
     @property
     def label(self) -> str:
-        return f"{self.views}x{self.resolution} cfg-{self.cfg_mode} vae-{self.vae_mode} offload-{self.offload}"
+        extra = (f" thg-{self.thg_interval}" if self.thg_interval != 3 else "") + \
+                (" full-length" if self.full_length else "")
+        return f"{self.views}x{self.resolution} cfg-{self.cfg_mode} vae-{self.vae_mode} offload-{self.offload}{extra}"
 
     def knobs(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The Plan fields this point sets."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "full_length"}
 
 
 def grid_part(grid: Sequence[GridPoint], k: int, n: int) -> tuple[GridPoint, ...]:
@@ -103,6 +117,9 @@ def full_grid() -> tuple[GridPoint, ...]:
             if (v, r) == (12, 768):
                 out += [GridPoint(v, r, vae_mode="batched"),
                         GridPoint(v, r, cfg_mode="sequential", offload="sequential")]  # fmt: skip
+    # time only: whole-length runs pin the per-step/-iteration/-frame terms (two uncond/cond ratios, two view counts)
+    out += [GridPoint(20, 768, full_length=True), GridPoint(12, 768, cfg_mode="sequential", thg_interval=1,
+                                                            full_length=True)]  # fmt: skip
     return tuple(out)
 
 
@@ -110,6 +127,7 @@ QUICK_GRID = (GridPoint(6, 512), GridPoint(20, 768), GridPoint(20, 768, cfg_mode
 TINY_GRID = (GridPoint(6, 128), GridPoint(6, 128, cfg_mode="sequential"))
 # the diffusion peaks do not depend on these (see the module docstring: mesh and video do); they make the grid fast
 FAST_KNOBS: dict[str, Any] = {"steps": 2, "mesh_iters": 20, "video_frames": 16}
+LENGTH_KNOBS = ("steps", "mesh_iters", "video_frames")  # what a full-length point leaves at the Plan's defaults
 TINY_KNOBS: dict[str, Any] = {"steps": 2, "mesh_iters": 10, "mesh_resolution": 128, "video_frames": 8,
                               "video_resolution": 128, "video_chunk": 4}  # fmt: skip
 
@@ -130,6 +148,7 @@ class Measurement:
     phase_peaks: dict[str, int] = field(default_factory=dict)  # sampler phase -> cumulative allocated peak
     wall_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    full_length: bool = False  # measured for the time fit only (left out of the memory fit)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,8 +215,9 @@ def run_grid(setup: CalibrationSetup, grid: Sequence[GridPoint],
     previous: GridPoint | None = None
     out: list[Measurement] = []
     for k, point in enumerate(grid):
+        knobs = {k: v for k, v in setup.base_knobs.items() if not (point.full_length and k in LENGTH_KNOBS)}
         plan = Plan(device="cuda:0" if on_gpu else "cpu", profile=setup.profile, weights_dir=setup.weights_dir,
-                    thg_schedule="fixed", thg_interval=3, ref_chunk=4, **setup.base_knobs, **point.knobs())
+                    thg_schedule="fixed", ref_chunk=4, **knobs, **point.knobs())
         if previous is not None and any(getattr(previous, m) != getattr(point, m) for m in memory_only):
             for name in diffusion:  # same key, different memory: run them again (later stages keep theirs)
                 job.invalidate(name)
@@ -236,7 +256,7 @@ def _measurement(job: JobDir, a: Attempt, point: GridPoint, plan: Plan, n_refs: 
         stage=a.stage, point=point.label, plan=plan.to_dict(), n_refs=n_refs, outcome=a.outcome,
         nvml_peak=a.measured_gpu_bytes, rss_peak=a.measured_rss_bytes,
         torch_allocated=m.get("torch_peak_allocated", a.torch_peak_allocated), torch_reserved=m.get("torch_peak_reserved"),
-        phase_peaks=phases, wall_s=a.wall_s, timings=dict(m.get("timings", {})),
+        phase_peaks=phases, wall_s=a.wall_s, timings=dict(m.get("timings", {})), full_length=point.full_length,
     )  # fmt: skip
 
 
@@ -362,7 +382,9 @@ def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def fit_table(template: BudgetTable, measurements: Sequence[Measurement], provenance: dict[str, Any],
               version: int | None = None) -> tuple[BudgetTable, dict[str, float]]:  # fmt: skip
-    """A new table version: the template's term structure with coefficients fitted to the measurements."""
+    """A new table version: the template's term structure with coefficients fitted to the measurements
+    (memory: the full-length points, which are there for the time fit, are left out)."""
+    measurements = [m for m in measurements if not m.full_length]
     context, context_note = estimate_context(measurements, template.context_bytes)
     errors: dict[str, float] = {}
     stages: dict[str, StageModel] = {}
@@ -378,6 +400,19 @@ def fit_table(template: BudgetTable, measurements: Sequence[Measurement], proven
                         pipeline=template.pipeline, provenance=prov, context_bytes=context,
                         margin_bytes=template.margin_bytes, margin_fraction=template.margin_fraction, stages=stages)
     return table, errors
+
+
+def fit_time(template: BudgetTable, pipeline: Pipeline, measurements: Sequence[Measurement],
+             provenance: dict[str, Any]) -> TimeModel:  # fmt: skip
+    """The table's `time` section from the grid's own stage times (start-up, run, wall; run order kept)."""
+    rows = calibration_rows([m.__dict__ for m in measurements], "calibration")
+    lengths = sorted({(m.plan.get("steps"), m.plan.get("mesh_iters"), m.plan.get("video_frames")) for m in measurements})
+    prov = {k: provenance.get(k) for k in ("gpu", "driver", "torch", "date", "profile", "template")}
+    prov |= {"files": ["measurements.json of this calibration (its work folder)"],
+             "lengths": [f"{s} steps, {i} mesh iterations, {f} frames" for s, i, f in lengths],
+             "method": "up2you-budget calibrate: per stage and part (start-up = import + prepare; run = the "
+                       "manifest's run_s), NNLS on the relative error over the grid's stage runs"}  # fmt: skip
+    return fit_time_model(template.time, pipeline.names, rows, prov)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,6 +500,7 @@ def calibrate(
         "failed": [f"{m.stage} @ {m.point}: {m.outcome}" for m in measurements if m.outcome != "ok"],
     }  # fmt: skip
     table, errors = fit_table(template, measurements, provenance, version)
+    table = dataclasses.replace(table, time=fit_time(template, pipeline, measurements, provenance))
     path = Path(out) if out else TABLES_DIR / f"{pipeline.name}-v{version}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_table(table, path)

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,31 @@ from rich.console import Console
 from rich.markup import escape
 
 from budgets.table import BudgetTable, load_table
+from orchestrator.admission import SIBLING_WAIT_S, Wait, holders, wait_kind, wait_line
 from orchestrator.console import ProgressPrinter, plan_table
 from orchestrator.corrections import Corrections, cache_dir
 from orchestrator.inputs import EXIT_USAGE, InputError, InputSet, scan_inputs, shown
+from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.outlock import OutputLock, OutputLocked
-from orchestrator.planner import Constraints, NoPlanFits, PlanChoice, base_plan, choose_plan
-from orchestrator.probe import GpuInfo, NoSuchGpu, NvmlProbe, Probe, ProbeError, select_gpu
+from orchestrator.planner import (
+    Constraints,
+    NoPlanFits,
+    NoTimeModel,
+    PlanChoice,
+    TimeBudgetTooShort,
+    base_plan,
+    candidates,
+    choose_plan,
+    evaluate,
+    same_quality,
+)
+from orchestrator.prestart import startup_report
+from orchestrator.probe import GpuInfo, NoSuchGpu, Probe, ProbeError, default_probe, select_gpu
 from orchestrator.report import collect_deliverables, plot_timeline, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
 from orchestrator.sizes import gib, parse_size
+from orchestrator.weightfiles import missing_message, verify_checkpoint, weights_record
+from orchestrator.weightfiles import resolve as resolve_weights
 from stages.jobfs import JobDir
 from stages.plan import Plan
 from stages.spec import EXIT_DISK_FULL, EXIT_MISSING_WEIGHTS, EXIT_NO_DEVICE, UP2YOU, Pipeline
@@ -69,7 +85,9 @@ class RunOptions:
     thg_interval: int | None = None
     weights: Path | None = None
     max_retries: int = 3
-    wait_for_vram_s: float = 0.0
+    wait_for_vram_s: float = 0.0  # how long to wait for memory that processes outside the ledger hold
+    wait_for_siblings_s: float = SIBLING_WAIT_S  # ... and for memory our own jobs (ledger entries) hold
+    job_id: str | None = None  # this job in the GPU ledger (default: the output folder's path)
     prefer: str = "quality"
     device: str = "cuda"  # cuda | cpu (cpu: tiny models only, for tests and smoke runs)
     tiny: bool = False
@@ -79,6 +97,7 @@ class RunOptions:
     plan_only: bool = False
     quiet: bool = False  # no progress lines (--json)
     table: Path | None = None  # another budget table file
+    time_budget_s: float | None = None  # --time-budget: the plan must also finish in this many seconds (predicted)
 
 
 @dataclass
@@ -99,6 +118,8 @@ class JobPlan:
     choice: PlanChoice
     corrections: Corrections
     table: BudgetTable
+    ledger: Ledger | None = None  # the host-wide GPU ledger (None on a CPU run)
+    waits: tuple[Wait, ...] = ()  # waits before planning (for memory our jobs or others held)
 
 
 @dataclass
@@ -116,6 +137,8 @@ class RunReport:
     pipeline_result: PipelineResult | None = None
     deliverables: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    waits: list[Wait] = field(default_factory=list)
+    weights: dict[str, Any] = field(default_factory=dict)  # where each checkpoint was found, what was verified
 
     def to_dict(self) -> dict[str, Any]:
         r = self.pipeline_result
@@ -127,7 +150,8 @@ class RunReport:
         for a in r.attempts if r else []:
             if a.outcome != "skipped":
                 measured[a.stage] = {"predicted_bytes": a.predicted_bytes, "measured_gpu_bytes": a.measured_gpu_bytes,
-                                     "measured_rss_bytes": a.measured_rss_bytes, "outcome": a.outcome}  # fmt: skip
+                                     "measured_rss_bytes": a.measured_rss_bytes, "outcome": a.outcome,
+                                     **self._seconds(a.stage, a.wall_s, final)}  # fmt: skip
         return {
             "ok": self.ok, "exit_code": self.exit_code, "message": self.message,
             "smoke_test": SMOKE_TEST if self.smoke_test else False,
@@ -139,11 +163,24 @@ class RunReport:
             "degradations": list(final.degradations) + [f"re-plan after {p.after_stage}: {p.reason}"
                                                         for p in (r.replans if r else [])],
             "predictions": plan_view, "predicted_vs_measured": measured,
+            "predicted_seconds": final.times.to_dict() if final.times else None,
             "attempts": [a.to_dict() for a in r.attempts] if r else [],
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
-            "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables,
+            "waits": [w.__dict__ for w in self.waits + (r.waits if r else [])],
+            "startup": startup_report(r.attempts, {a.stage: JobDir(self.job_dir).read_manifest(a.stage) or {}
+                                                   for a in r.attempts}) if r else {},
+            "wall_s": round(self.wall_s, 3), "deliverables": self.deliverables, "weights": self.weights,
         }  # fmt: skip
+
+
+    def _seconds(self, stage: str, wall_s: float, choice: PlanChoice) -> dict[str, Any]:
+        """Predicted (the final plan's time model) vs measured seconds: the attempt's wall, the manifest's run."""
+        pred = choice.times.get(stage) if choice.times else None
+        run_s = ((JobDir(self.job_dir).read_manifest(stage) or {}).get("timings") or {}).get("run_s")
+        return {"predicted_wall_s": round(pred.wall_s, 2) if pred else None,
+                "predicted_run_s": round(pred.run_s, 2) if pred else None,
+                "measured_wall_s": round(wall_s, 2), "measured_run_s": round(run_s, 2) if run_s is not None else None}
 
 
 def default_out_dir(input_dir: Path) -> Path:
@@ -152,17 +189,23 @@ def default_out_dir(input_dir: Path) -> Path:
     return p.parent / f"{p.name}_up2you"
 
 
-def resolve_budget(vram: str, gpu: GpuInfo | None) -> Budget:
-    """The memory every stage may use: the user's cap, but never more than is free now (less a reserve)."""
+def resolve_budget(vram: str, gpu: GpuInfo | None, available: int | None = None) -> Budget:
+    """The memory every stage may use: the user's cap, but never more than is free now (less a reserve).
+
+    `available`: free and unreserved (the ledger's `available`: NVML free minus what other jobs have
+    reserved but not allocated yet); NVML free when not given.
+    """
     cap = None if vram == "auto" else parse_size(vram)
     if gpu is None:  # CPU run: the cap is only what plans against (tiny models)
         avail = psutil.virtual_memory().available
         return Budget(cap or avail, f"--vram {vram}" if cap else f"auto: host memory available {gib(avail)}", None)
-    usable = max(0, gpu.free - AUTO_RESERVE)
+    free = gpu.free if available is None else available
+    what = "free" if available is None else "free and unreserved"
+    usable = max(0, free - AUTO_RESERVE)
     if cap is None:
-        return Budget(usable, f"auto: {gib(gpu.free)} free on GPU {gpu.index} minus {gib(AUTO_RESERVE)} reserve", gpu)
+        return Budget(usable, f"auto: {gib(free)} {what} on GPU {gpu.index} minus {gib(AUTO_RESERVE)} reserve", gpu)
     if cap > usable:
-        return Budget(usable, f"--vram {vram}, but only {gib(gpu.free)} free on GPU {gpu.index}: using {gib(usable)}",
+        return Budget(usable, f"--vram {vram}, but only {gib(free)} {what} on GPU {gpu.index}: using {gib(usable)}",
                       gpu)  # fmt: skip
     return Budget(cap, f"--vram {vram}", gpu)
 
@@ -170,6 +213,7 @@ def resolve_budget(vram: str, gpu: GpuInfo | None) -> Budget:
 def plan_job(
     input_dir: Path | str, options: RunOptions = RunOptions(), probe: Probe | None = None,
     pipeline: Pipeline = UP2YOU, table: BudgetTable | None = None,
+    on_event: Callable[[str, Any], None] | None = None,
 ) -> JobPlan:  # fmt: skip
     """Everything up to the plan: validate inputs, pick the GPU, resolve the budget, choose the plan."""
     try:
@@ -177,24 +221,42 @@ def plan_job(
     except InputError as exc:
         raise JobError(str(exc), exc.exit_code) from None
     table = table or load_table(options.table, pipeline.name)
-    gpu = _pick_gpu(options, probe)
-    _check_vram_fits_card(options.vram, gpu)
-    budget = _wait_for_budget(options, probe, gpu) if gpu else resolve_budget(options.vram, None)
+    probe = probe or default_probe(options.device)
+    try:
+        ledger = Ledger(probe=probe) if probe is not None else None
+        gpu = _pick_gpu(options, probe, ledger)
+        _check_vram_fits_card(options.vram, gpu)
+    except LedgerError as exc:
+        raise JobError(str(exc), EXIT_DISK_FULL) from None
     smoke = options.tiny
     constraints = Constraints(options.views or (6 if smoke else None), options.resolution or (256 if smoke else None),
-                              options.steps or (4 if smoke else None), options.thg_interval, options.prefer)
+                              options.steps or (4 if smoke else None), options.thg_interval, options.prefer,
+                              options.time_budget_s)  # fmt: skip
     profile = "tiny" if smoke else "full-random" if options.full_random else "real"
     base = base_plan(constraints, device="cuda:0" if options.device != "cpu" else "cpu", profile=profile,
                      weights_dir="" if options.full_random else str(_weights_dir(options)),
                      **(SMOKE_GEOMETRY if smoke else {})).replace(**dict(options.overrides))  # fmt: skip
     corrections = Corrections(gpu.name if gpu else "cpu", f"{table.name}@v{table.version}")
+    waits: tuple[Wait, ...] = ()
+    if gpu is None or ledger is None:
+        budget, ledger = resolve_budget(options.vram, None), None
+    else:
+        try:
+            want = _wanted_budget(options, pipeline, table, len(inputs.photos), base, constraints, corrections)
+            budget, gpu, waits = _wait_for_budget(options, probe, gpu, ledger, want, on_event)
+        except LedgerError as exc:
+            raise JobError(str(exc), EXIT_DISK_FULL) from None
     try:
         choice = choose_plan(pipeline, table, len(inputs.photos), budget.bytes, base, constraints,
                              corrections.factors())  # fmt: skip
+    except TimeBudgetTooShort as exc:
+        raise JobError(f"--time-budget {options.time_budget_s:g}s: {exc}", EXIT_USAGE) from None
     except NoPlanFits as exc:
         prefix = f"--vram {options.vram}: " if options.vram != "auto" else "the free GPU memory: "
         raise JobError(prefix + str(exc), EXIT_USAGE) from None
-    return JobPlan(inputs, budget, constraints, base, choice, corrections, table)
+    except NoTimeModel as exc:
+        raise JobError(f"--time-budget: {exc}", EXIT_USAGE) from None
+    return JobPlan(inputs, budget, constraints, base, choice, corrections, table, ledger, waits)
 
 
 def run_job(
@@ -205,7 +267,9 @@ def run_job(
     """Plan and (unless options.plan_only) run one job; see the module docstring for what raises."""
     t0 = time.monotonic()
     console = console or Console(stderr=True, quiet=options.quiet)
-    jp = plan_job(input_dir, options, probe, pipeline, table)
+    printer = ProgressPrinter(console, options.quiet)
+    probe = probe or default_probe(options.device)
+    jp = plan_job(input_dir, options, probe, pipeline, table, on_event=printer)
     inputs, budget, choice = jp.inputs, jp.budget, jp.choice
     out = Path(out_dir) if out_dir else default_out_dir(Path(input_dir))
     if out.resolve() == Path(input_dir).resolve():
@@ -220,10 +284,10 @@ def run_job(
     for d in choice.degradations:
         console.print(f"[yellow]  {d}[/yellow]")
     report = RunReport(True, 0, "plan only: nothing ran", out, job.root, choice, budget, len(inputs.photos),
-                       [str(p) for p in inputs.ignored], options.tiny)  # fmt: skip
+                       [str(p) for p in inputs.ignored], options.tiny, waits=list(jp.waits))  # fmt: skip
     if options.plan_only:
         return report
-    _preflight(pipeline, choice, options, out)
+    report.weights = _preflight(pipeline, choice, options, out)
     if options.tiny:
         ensure_tiny_weights(Path(choice.plan.weights_dir), console)
     lock = OutputLock(out)
@@ -232,23 +296,27 @@ def run_job(
     except OutputLocked as exc:
         raise JobError(str(exc), exc.exit_code) from None
     try:
-        return _run_locked(report, jp, job, out, options, probe, pipeline, console, t0)
+        return _run_locked(report, jp, job, out, options, probe, pipeline, printer, t0)
     finally:
         lock.release()
 
 
 def _run_locked(
     report: RunReport, jp: JobPlan, job: JobDir, out: Path, options: RunOptions, probe: Probe | None,
-    pipeline: Pipeline, console: Console, t0: float,
+    pipeline: Pipeline, printer: ProgressPrinter, t0: float,
 ) -> RunReport:  # fmt: skip
     """The part of a run that writes into `out`: only ever one at a time per folder (the caller holds its lock)."""
     inputs, budget, choice = jp.inputs, jp.budget, jp.choice
     job.root.mkdir(parents=True, exist_ok=True)
     job.write_inputs(inputs.record())
     ctx = RunContext(job, pipeline, jp.table, len(inputs.photos), inputs.key, jp.constraints, jp.base, budget.bytes,
-                     jp.corrections, probe=_probe_for(options, probe), gpu=budget.gpu,
+                     jp.corrections, probe=probe, gpu=budget.gpu,
                      max_retries=options.max_retries, wait_for_vram_s=options.wait_for_vram_s,
-                     weights_dir=choice.plan.weights_dir, on_event=ProgressPrinter(console, options.quiet))
+                     weights_dir=choice.plan.weights_dir, on_event=printer,
+                     ledger=jp.ledger,
+                     job_id=options.job_id or str(out.resolve()),
+                     vram_cap=None if options.vram == "auto" else parse_size(options.vram),
+                     wait_for_siblings_s=options.wait_for_siblings_s)  # fmt: skip
     with _sigterm_as_interrupt():
         result = run_pipeline(ctx, choice)
     report.pipeline_result = result
@@ -262,16 +330,32 @@ def _run_locked(
     return report
 
 
-def _pick_gpu(options: RunOptions, probe: Probe | None) -> GpuInfo | None:
-    """The GPU to plan for: none on a CPU run without a probe; NVML's otherwise."""
-    if options.device == "cpu" and probe is None:
+def _pick_gpu(options: RunOptions, probe: Probe | None, ledger: Ledger | None) -> GpuInfo | None:
+    """The GPU to plan for: none on a CPU run without a probe; else --gpu, or (auto) the most free and unreserved."""
+    if probe is None:
         return None
     try:
-        return select_gpu((probe or NvmlProbe()).gpus(), options.gpu)
+        gpus = probe.gpus()
+        if options.gpu == "auto" and ledger is not None and gpus:
+            return max(gpus, key=lambda g: ledger.available(g))
+        return select_gpu(gpus, options.gpu)
     except NoSuchGpu as exc:
         raise JobError(str(exc), EXIT_USAGE) from None
     except ProbeError as exc:
         raise JobError(str(exc), EXIT_NO_DEVICE) from None
+
+
+def _wanted_budget(
+    options: RunOptions, pipeline: Pipeline, table: BudgetTable, n_refs: int, base: Plan, constraints: Constraints,
+    corrections: Corrections,
+) -> int:  # fmt: skip
+    """The budget worth waiting for before planning: the --vram cap, or (auto) the least that lets the best
+    quality level (views, pixels) fit on some memory rung."""
+    if options.vram != "auto":
+        return parse_size(options.vram)
+    best = candidates(base, constraints)[0]
+    return min(max(f.need_bytes for f in evaluate(c.plan, pipeline, table, n_refs, 0, corrections.factors()))
+               for c in same_quality(best.plan, base, constraints))  # fmt: skip
 
 
 def input_notes(inputs: InputSet) -> list[str]:
@@ -287,51 +371,67 @@ def _check_vram_fits_card(vram: str, gpu: GpuInfo | None) -> None:
                    f"most {int(gpu.total * 10 / 2**30) / 10:g}GB, or auto, or pick another GPU with --gpu", EXIT_USAGE)  # fmt: skip
 
 
-def _probe_for(options: RunOptions, probe: Probe | None) -> Probe | None:
-    if probe is not None or options.device == "cpu":
-        return probe
-    return NvmlProbe()
-
-
-def _wait_for_budget(options: RunOptions, probe: Probe | None, gpu: GpuInfo) -> Budget:
-    """With --wait-for-vram and a fixed --vram: wait (with backoff) until that much is free, then budget."""
-    budget = resolve_budget(options.vram, gpu)
-    if options.vram == "auto" or options.wait_for_vram_s <= 0:
-        return budget
-    want = parse_size(options.vram)
-    deadline, delay = time.monotonic() + options.wait_for_vram_s, 0.5
-    while budget.bytes < want and time.monotonic() < deadline:
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 30.0)
-        gpu = select_gpu((probe or NvmlProbe()).gpus(), str(gpu.index))
-        budget = resolve_budget(options.vram, gpu)
-    return budget
+def _wait_for_budget(
+    options: RunOptions, probe: Probe | None, gpu: GpuInfo, ledger: Ledger, want: int,
+    on_event: Callable[[str, Any], None] | None,
+) -> tuple[Budget, GpuInfo, tuple[Wait, ...]]:  # fmt: skip
+    """Budget from what is free and unreserved; if that is below `want`, wait with backoff first: for our own
+    jobs (ledger entries) up to --wait-for-siblings, for other processes up to --wait-for-vram. (--plan never waits.)"""
+    view = ledger.view(gpu)
+    budget = resolve_budget(options.vram, gpu, view.available())
+    waited = {"siblings": 0.0, "foreign": 0.0}
+    record: Wait | None = None
+    delay = 0.5
+    while budget.bytes < want and not options.plan_only and probe is not None:
+        kind = wait_kind(view, "", want, AUTO_RESERVE)
+        limit = options.wait_for_siblings_s if kind == "siblings" else options.wait_for_vram_s
+        if waited[kind] >= limit:
+            break
+        if record is None:
+            line = wait_line(view, "", "the best plan" if options.vram == "auto" else f"--vram {options.vram}", want,
+                             kind, limit)  # fmt: skip
+            record = Wait("plan", 0.0, kind, want, view.available(), holders(view, ""), message=line)
+            if on_event is not None:
+                on_event("wait", line)
+        pause = min(delay, max(0.05, limit - waited[kind]))
+        time.sleep(pause)
+        waited[kind] += pause
+        record.seconds = round(sum(waited.values()), 3)
+        delay = min(delay * 1.5, 5.0)
+        gpu = select_gpu(probe.gpus(), str(gpu.index))
+        view = ledger.view(gpu)
+        budget = resolve_budget(options.vram, gpu, view.available())
+    if record is not None:
+        record.outcome = "admitted" if budget.bytes >= want else "limit reached"
+    return budget, gpu, (record,) if record else ()
 
 
 def _weights_dir(options: RunOptions) -> Path:
     if options.tiny:
         return cache_dir() / "tiny-weights"
-    return (options.weights or Path("weights")).resolve()
+    return resolve_weights(options.weights).root  # --weights, $UP2YOU_WEIGHTS, ./weights, the HF cache
 
 
-def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out: Path) -> None:
-    """Stop before any process starts: missing or damaged weights (with their source), an unusable --out,
-    too little disk."""
+def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out: Path) -> dict[str, Any]:
+    """Stop before any process starts: missing or wrong weights (each with its fix), too little disk.
+
+    Returns what run.json records about the weights (where found, size/sha256 verified).
+    """
+    record: dict[str, Any] = {}
     if not (options.tiny or options.full_random):
         keys = sorted({k for s in pipeline.stages for k in s.checkpoints})
-        missing = checkpoints.missing(choice.plan.weights_dir, keys)
-        if len(missing) == 1:
-            raise JobError(f"weight file {missing[0][0]} is missing: get it from {missing[0][1]} (or pass --weights DIR; "
-                           "--tiny runs a smoke test without weights)", EXIT_MISSING_WEIGHTS)  # fmt: skip
-        if missing:
-            lines = "\n".join(f"  {path}\n    get it from {source}" for path, source in missing)
-            raise JobError(f"{len(missing)} weight files missing under {choice.plan.weights_dir}: put them there "
-                           f"(listed below, with where to get each) or pass --weights DIR; --tiny runs a smoke "
-                           f"test without weights\n{lines}", EXIT_MISSING_WEIGHTS)  # fmt: skip
-        broken = checkpoints.damaged(choice.plan.weights_dir, keys)
+        res = resolve_weights(options.weights, keys)
+        if res.missing:
+            raise JobError(missing_message(res), EXIT_MISSING_WEIGHTS)
+        broken = checkpoints.damaged(res.root, keys)  # cheap header checks first: truncation, pickle payloads
         if broken:
             more = f" (and {len(broken) - 1} more damaged file(s))" if len(broken) > 1 else ""
             raise JobError(f"weight file {broken[0]}{more}", EXIT_MISSING_WEIGHTS)
+        checks = {k: verify_checkpoint(k, Path(choice.plan.weights_dir), hash_unknown=True) for k in keys}
+        bad = [v.problem for vs in checks.values() for v in vs if not v.ok]
+        if bad:
+            raise JobError("\n".join(bad), EXIT_MISSING_WEIGHTS)
+        record = weights_record(res, checks)
     _check_out_dir(out)
     need = DISK_BASE + DISK_PER_VIEW * choice.plan.views
     probe_dir = out
@@ -341,6 +441,7 @@ def _preflight(pipeline: Pipeline, choice: PlanChoice, options: RunOptions, out:
     if free < need:
         raise JobError(f"not enough disk in {probe_dir}: {free / 1e9:.1f} GB free, this run needs about "
                        f"{need / 1e9:.1f} GB; free space or pass --out on another disk", EXIT_DISK_FULL)  # fmt: skip
+    return record
 
 
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)

@@ -7,9 +7,12 @@ leave while a job runs.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 
@@ -135,7 +138,7 @@ def _process_name(pid: int) -> str:
 class SimulatedGpu:
     total: int
     name: str = "Simulated GPU"
-    neighbour_bytes: int = 0  # memory held by other tenants
+    neighbour_bytes: int = 0  # memory held by other tenants (shown as one process, pid 999999)
     reserved_bytes: int = 0  # driver reservation NVML never reports as free
     uuid: str = ""
     neighbours: list[GpuProcess] = field(default_factory=list)
@@ -156,7 +159,8 @@ class SimulatedProbe:
         with self._lock:
             out = []
             for i, g in enumerate(self._gpus):
-                used = g.neighbour_bytes
+                # listed processes hold their bytes; neighbour_bytes alone appears as one process
+                used = g.neighbour_bytes + sum(p.used_bytes or 0 for p in g.neighbours)
                 procs = tuple(g.neighbours) or ((GpuProcess(999_999, used, "neighbour"),) if used else ())
                 out.append(GpuInfo(i, g.name, g.uuid or f"GPU-sim-{i}", g.total,
                                    g.total - g.reserved_bytes - used, used, procs))  # fmt: skip
@@ -164,3 +168,59 @@ class SimulatedProbe:
 
     def process_bytes(self, index: int, pids: Collection[int]) -> int | None:
         return None  # the simulated GPU runs nothing of ours: the runner falls back to host RSS
+
+
+SIMULATED_GPUS_ENV = "UP2YOU_SIMULATED_GPUS"
+
+
+class FileSimulatedProbe:
+    """Simulated GPUs described by a JSON file, re-read on every call, so several processes (jobs, a
+    fleet, tests) see the same made-up card and a test changes it by rewriting the file.
+
+    Format (sizes in bytes, or strings like "24GB"):
+        {"gpus": [{"name": "Simulated 24G", "uuid": "GPU-sim-0", "total": "24GB", "reserved": 0,
+                   "processes": [{"pid": 4242, "used": "6GB", "name": "neighbour"}]}]}
+    free = total - reserved - the processes' used bytes. Selected by $UP2YOU_SIMULATED_GPUS=<file>.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def gpus(self) -> list[GpuInfo]:
+        from orchestrator.sizes import parse_size
+
+        def size(v: int | str | None) -> int:
+            return v if isinstance(v, int) else parse_size(v) if v else 0
+
+        try:
+            spec = json.loads(self.path.read_text())
+            out = []
+            for i, g in enumerate(spec["gpus"]):
+                procs = tuple(GpuProcess(int(p["pid"]), size(p.get("used")), str(p.get("name", "")))
+                              for p in g.get("processes", []))  # fmt: skip
+                used = sum(p.used_bytes or 0 for p in procs)
+                total = size(g["total"])
+                out.append(GpuInfo(i, str(g.get("name", "Simulated GPU")), str(g.get("uuid") or f"GPU-sim-{i}"),
+                                   total, max(0, total - size(g.get("reserved")) - used), used, procs))  # fmt: skip
+            return out
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ProbeError(f"{SIMULATED_GPUS_ENV}={self.path}: cannot read simulated GPUs ({exc}); see "
+                             f"orchestrator/probe.py FileSimulatedProbe for the format") from None  # fmt: skip
+
+    def process_bytes(self, index: int, pids: Collection[int]) -> int | None:
+        gpus = self.gpus()
+        if index >= len(gpus):
+            return None
+        sizes = [p.used_bytes or 0 for p in gpus[index].processes if p.pid in pids]
+        return sum(sizes) if sizes else None
+
+
+def default_probe(device: str = "cuda") -> Probe | None:
+    """The probe a job uses when none is passed: the simulated file if $UP2YOU_SIMULATED_GPUS is set,
+    none on a CPU run, NVML otherwise."""
+    path = os.environ.get(SIMULATED_GPUS_ENV)
+    if path:
+        return FileSimulatedProbe(path)
+    if device == "cpu":
+        return None
+    return NvmlProbe()

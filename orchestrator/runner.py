@@ -1,9 +1,15 @@
 """Run a Pipeline's stages one process at a time; on out-of-memory, learn, re-plan and retry.
 
 The runner owns the loop and nothing else: planning is `orchestrator.planner`, the child protocol
-`orchestrator.process`, measuring `orchestrator.monitor`. While stage i runs, stage i+1's process is
-already importing and loading weights into host memory (pre-start); it gets `go` only after stage i
-has exited, so two stages never hold GPU memory at once.
+`orchestrator.process`, measuring `orchestrator.monitor`. While stage i runs, the processes of stage i+1
+and of as many stages after it as host memory holds (`orchestrator.prestart`) are already importing and
+loading weights into host memory (pre-start); each gets `go` only after the stage before it has exited,
+so two stages never hold GPU memory at once.
+
+On a shared GPU (a `Ledger` in the context) each GPU stage is admitted before `go`
+(`orchestrator.admission`): its predicted need is reserved host-wide, on the fastest memory-only
+rung that fits now, or the job waits; the stage's allocator cap is what it reserved, and the
+reservation is released when the process has exited.
 """
 
 from __future__ import annotations
@@ -17,15 +23,34 @@ from pathlib import Path
 from typing import Any
 
 from budgets.table import BudgetTable, predict
+from orchestrator import prestart
+from orchestrator.admission import SIBLING_WAIT_S, Admitter, StageGone, Wait, wait_kind
 from orchestrator.corrections import Corrections, oom_factor
+from orchestrator.ledger import Ledger, LedgerError, Reservation
 from orchestrator.monitor import MemorySampler, Sample
-from orchestrator.planner import Constraints, NoPlanFits, PlanChoice, StageFit, choose_plan
+from orchestrator.planner import (
+    Constraints,
+    NoPlanFits,
+    PlanChoice,
+    StageFit,
+    choice_of,
+    choose_plan,
+    same_quality,
+)
 from orchestrator.probe import GpuInfo, Probe
 from orchestrator.process import StageProcess
 from orchestrator.sizes import gib
 from stages.jobfs import JobDir
 from stages.plan import Plan
-from stages.spec import EXIT_INTERRUPTED, EXIT_MEANINGS, EXIT_OK, EXIT_OOM, Pipeline, StageSpec
+from stages.spec import (
+    EXIT_DISK_FULL,
+    EXIT_INTERRUPTED,
+    EXIT_MEANINGS,
+    EXIT_OK,
+    EXIT_OOM,
+    Pipeline,
+    StageSpec,
+)
 
 AUTO_RESERVE = 256 * 2**20  # free memory left untouched when the budget follows what is free
 POLL_S = 0.05
@@ -53,6 +78,7 @@ class Attempt:
     hidden_startup_s: float = 0.0
     ready_s: float | None = None  # when the process said `ready` (pre-start done), since the job started
     message: str = ""
+    reserved_bytes: int | None = None  # what the ledger reserved for it (its allocator cap + context)
     samples: list[Sample] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +106,7 @@ class PipelineResult:
     replans: list[Replan]
     budget_bytes: int
     overlap_saved_s: float
+    waits: list[Wait] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -108,6 +135,18 @@ class RunContext:
     # start the next stage's process while this one runs; UP2YOU_PRESTART=0 turns it off (benchmarks
     # measure the orchestration overhead with and without it)
     prestart: bool = field(default_factory=lambda: os.environ.get(PRESTART_ENV, "1") != "0")
+    # a shared GPU: admit each GPU stage through the host-wide ledger (None: no ledger, e.g. a CPU run)
+    ledger: Ledger | None = None
+    job_id: str = ""
+    vram_cap: int | None = None  # the user's --vram (None = auto: what is free and unreserved at admission)
+    wait_for_siblings_s: float = SIBLING_WAIT_S
+    # at most this many stages waiting ahead, memory permitting (UP2YOU_PRESTART_AHEAD=N; default: cores - 1)
+    prestart_ahead: int = field(default_factory=lambda: _env_int(prestart.AHEAD_ENV, prestart.default_ahead()))
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else default
 
 
 class StageFailed(Exception):
@@ -141,10 +180,17 @@ class Runner:
         self.attempts: list[Attempt] = []
         self.replans: list[Replan] = []
         self.prestarted: dict[str, StageProcess] = {}
+        self.footprints: dict[str, int] | None = None
         self.running: StageProcess | None = None
         self.tries: Counter[str] = Counter()
         self.retries = 0
         self.overlap_saved = 0.0
+        self.reservation: Reservation | None = None
+        self.admission_degrades = 0
+        self.admitter = (Admitter(ctx.ledger, ctx.gpu, ctx.job_id, probe=ctx.probe, keep_free=AUTO_RESERVE,
+                                  wait_for_vram_s=ctx.wait_for_vram_s, wait_for_siblings_s=ctx.wait_for_siblings_s,
+                                  on_event=ctx.on_event)
+                         if ctx.ledger is not None and ctx.gpu is not None else None)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> PipelineResult:
@@ -153,6 +199,8 @@ class Runner:
             self._loop()
         except StageFailed as exc:
             code, message = exc.code, str(exc)
+        except LedgerError as exc:
+            code, message = EXIT_DISK_FULL, str(exc)
         except KeyboardInterrupt:
             code, message = EXIT_INTERRUPTED, "interrupted: the running stage was stopped; rerun to resume"
             if self.running is not None:
@@ -160,7 +208,7 @@ class Runner:
         finally:
             self._cleanup()
         return PipelineResult(code, message, self.choice, self.attempts, self.replans, self.budget,
-                              self.overlap_saved)  # fmt: skip
+                              self.overlap_saved, self.admitter.waits if self.admitter else [])  # fmt: skip
 
     def _loop(self) -> None:
         stages = self.ctx.pipeline.stages
@@ -175,7 +223,13 @@ class Runner:
                 self.ctx.on_event("skipped", spec.name)
                 i += 1
                 continue
-            attempt = self._run_stage(spec, keys[spec.name], previous_exit, self._next_to_run(i + 1, keys))
+            proc = self.prestarted.pop(spec.name, None) or self._spawn(spec)
+            degraded = self._admit(spec, proc)
+            if degraded is not None:  # waited as long as allowed: fewer views or pixels, from where they change
+                self.prestarted[spec.name] = proc
+                keys, i = self._switch(spec, keys, *degraded)
+                continue
+            attempt = self._run_stage(spec, keys[spec.name], previous_exit, self._next_to_run(i + 1, keys), proc)
             previous_exit = self.running.exited_at if self.running else None
             self.running = None
             if attempt.exit_code == EXIT_OK:
@@ -191,16 +245,22 @@ class Runner:
                 raise StageFailed(EXIT_OOM, f"stage {spec.name} ran out of GPU memory and --max-retries "
                                             f"{self.ctx.max_retries} is used up; see the attempts in run.json")
             self.retries += 1
-            new_choice, reason = self._recover(spec, attempt)
-            new_keys = self._keys(new_choice.plan)
-            changed = [s.name for s in stages if new_keys[s.name] != keys[s.name]]
-            for name in changed:
-                self.ctx.job.invalidate(name)
-            self.replans.append(Replan(spec.name, reason, self.choice.candidate.label, new_choice.candidate.label,
-                                       changed))  # fmt: skip
-            self.ctx.on_event("replan", self.replans[-1])
-            self.choice, keys = new_choice, new_keys
-            i = min([self.ctx.pipeline.names.index(n) for n in changed] + [i])
+            keys, i = self._switch(spec, keys, *self._recover(spec, attempt))
+
+    def _switch(self, spec: StageSpec, keys: dict[str, str], new_choice: PlanChoice,
+                reason: str) -> tuple[dict[str, str], int]:  # fmt: skip
+        """Adopt `new_choice`: invalidate exactly the stages whose key changed; continue from the first of them."""
+        stages = self.ctx.pipeline.stages
+        new_keys = self._keys(new_choice.plan)
+        changed = [s.name for s in stages if new_keys[s.name] != keys[s.name]]
+        for name in changed:
+            self.ctx.job.invalidate(name)
+        self.replans.append(Replan(spec.name, reason, self.choice.candidate.label, new_choice.candidate.label,
+                                   changed))  # fmt: skip
+        self.ctx.on_event("replan", self.replans[-1])
+        self.choice = new_choice
+        i = self.ctx.pipeline.names.index(spec.name)
+        return new_keys, min([self.ctx.pipeline.names.index(n) for n in changed] + [i])
 
     def _keys(self, plan: Plan) -> dict[str, str]:
         return self.ctx.pipeline.keys(plan, self.ctx.inputs_key)
@@ -215,15 +275,106 @@ class Runner:
         return StageProcess(spec, self.ctx.job.root, self.ctx.weights_dir, self.choice.plan.profile, self.env,
                             self.ctx.job.path(spec.name, "log.txt"))  # fmt: skip
 
+    def _prestart_ahead(self, nxt: StageSpec | None, running: StageProcess) -> None:
+        """Start the processes of `nxt` and the stages after it that host memory holds (orchestrator.prestart)."""
+        if not self.ctx.prestart or nxt is None:
+            return
+        keys = self._keys(self.choice.plan)
+        upcoming = [s.name for s in self.ctx.pipeline.stages[self.ctx.pipeline.names.index(nxt.name):]
+                    if not self.ctx.job.is_done(s.name, keys[s.name])]  # fmt: skip
+        foot = self._footprints()
+        growth = prestart.pending_growth((prestart.process_rss(p.pids()), foot[p.spec.name])
+                                         for p in (running, *self.prestarted.values()))  # fmt: skip
+        waiting = sum(n in self.prestarted for n in upcoming)
+        picked = prestart.pick_prestarts([(n, foot[n]) for n in upcoming if n not in self.prestarted],
+                                         prestart.available_host_memory() - growth,
+                                         minimum=0 if nxt.name in self.prestarted else 1,
+                                         maximum=max(0, self.ctx.prestart_ahead - waiting))  # fmt: skip
+        for name in picked:
+            self.prestarted[name] = self._spawn(self.ctx.pipeline[name])
+
+    def _footprints(self) -> dict[str, int]:
+        """Host bytes each stage's process may hold (measured peaks + the files it reads), once per run."""
+        if self.footprints is None:
+            profile, weights = self.choice.plan.profile, self.ctx.weights_dir
+            self.footprints = {s.name: prestart.host_footprint(s, profile, weights) for s in self.ctx.pipeline.stages}
+        return self.footprints
+
     def _fit(self, stage: str) -> StageFit | None:
         return next((f for f in self.choice.fits if f.stage == stage), None)
 
-    def _run_stage(self, spec: StageSpec, key: str, previous_exit: float | None, nxt: StageSpec | None) -> Attempt:
+    # --- admission on a shared GPU ------------------------------------------------------------
+    def _admit(self, spec: StageSpec, proc: StageProcess) -> tuple[PlanChoice, str] | None:
+        """Reserve this stage's need on the fastest memory-only rung that fits now, waiting if none does.
+
+        Returns None once reserved (or when there is nothing to reserve), or (degraded choice, why)
+        when the wait allowed is used up and a plan with fewer views or pixels fits what is there.
+        """
+        if self.admitter is None or self._fit(spec.name) is None:
+            return None
+        ctx = self.ctx
+        rungs = [choice_of(c, ctx.pipeline, ctx.table, ctx.n_refs, self.budget, ctx.corrections.factors(),
+                           self.choice.degradations)
+                 for c in same_quality(self.choice.plan, ctx.base, ctx.constraints)]  # fmt: skip
+        rungs = rungs or [self.choice]
+        sizes = [next(f.need_bytes for f in r.fits if f.stage == spec.name) for r in rungs]
+        current = self._fit(spec.name)
+        cap = self.budget if ctx.vram_cap is not None else None
+        try:
+            r = self.admitter.admit(spec.name, proc.pid, sizes, cap)
+        except StageGone:
+            return None  # it died while starting: `go` finds it gone and its exit code says why
+        if r is not None:
+            self.reservation = r
+            # the fastest rung that fits; if the current plan needs the same for this stage, keep it
+            same = current is not None and current.need_bytes == r.nbytes
+            chosen = self.choice if same else rungs[sizes.index(r.nbytes)]
+            if chosen.candidate.label != self.choice.candidate.label:
+                why = (f"{spec.name} admitted with {gib(r.nbytes)} on the shared GPU: {chosen.candidate.step.label} "
+                       f"fits what is free and unreserved now (memory only: nothing recomputed)")  # fmt: skip
+                self.replans.append(Replan(spec.name, why, self.choice.candidate.label, chosen.candidate.label, []))
+                ctx.on_event("replan", self.replans[-1])
+                self.choice = chosen
+            return None
+        return self._degrade(spec)
+
+    def _degrade(self, spec: StageSpec) -> tuple[PlanChoice, str]:
+        """The best plan that fits what is free and unreserved now; exit 75 if none does."""
+        ctx = self.ctx
+        assert ctx.ledger is not None and ctx.gpu is not None and self.admitter is not None
+        self.admission_degrades += 1
+        view = ctx.ledger.view(self.admitter.gpu)
+        room = max(0, view.available(ctx.job_id) - AUTO_RESERVE)
+        if ctx.vram_cap is not None:
+            room = min(room, self.budget)
+        waited = self.admitter.last_wait.seconds if self.admitter.last_wait else 0.0
+        bound = "--wait-for-siblings" if self.admitter.last_kind == "siblings" else "--wait-for-vram"
+        if self.admission_degrades > 2 * len(ctx.pipeline.stages):  # memory keeps vanishing as we re-plan
+            raise StageFailed(EXIT_OOM, f"stage {spec.name} cannot get GPU memory: re-planned "
+                                        f"{self.admission_degrades - 1} times for what was free, and it was gone "
+                                        f"each time; free GPU memory or pass --wait-for-vram")  # fmt: skip
+        try:
+            choice = choose_plan(ctx.pipeline, ctx.table, ctx.n_refs, room, ctx.base, ctx.constraints,
+                                 ctx.corrections.factors())  # fmt: skip
+        except NoPlanFits as exc:
+            raise StageFailed(EXIT_OOM, f"stage {spec.name} cannot get GPU memory and no plan fits any more: "
+                                        f"{exc}") from None  # fmt: skip
+        why = (f"{spec.name}: {gib(room)} free and unreserved on GPU {view.gpu.index} after waiting {waited:.0f} s "
+               f"({bound}): planned for that")  # fmt: skip
+        return choice, why
+
+    def _release(self) -> None:
+        if self.reservation is not None and self.ctx.ledger is not None:
+            r, self.reservation = self.reservation, None
+            self.ctx.ledger.release(r)
+
+    def _run_stage(self, spec: StageSpec, key: str, previous_exit: float | None, nxt: StageSpec | None,
+                   proc: StageProcess) -> Attempt:  # fmt: skip
         plan = self.choice.plan
-        proc = self.prestarted.pop(spec.name, None) or self._spawn(spec)
         self.running = proc
         self.tries[spec.name] += 1
-        cap = self.budget - self.ctx.table.context_bytes if plan.on_gpu else None
+        reserved = self.reservation.nbytes if self.reservation is not None else None
+        cap = (reserved or self.budget) - self.ctx.table.context_bytes if plan.on_gpu else None
         fit = self._fit(spec.name)
         self.ctx.job.clear_error(spec.name)  # what error.msgpack says from here on is about this attempt
         self.ctx.job.write_request(spec.name, {"plan": plan.to_dict(), "key": key, "attempt": self.tries[spec.name],
@@ -234,11 +385,11 @@ class Runner:
         # sampling starts before `go`: a pre-started stage can finish before a late sampler sees it
         with MemorySampler(proc, self.ctx.probe, gpu_index, self.t0) as sampler:
             proc.go()
-            if self.ctx.prestart and nxt is not None and nxt.name not in self.prestarted:
-                self.prestarted[nxt.name] = self._spawn(nxt)
+            self._prestart_ahead(nxt, proc)
             while proc.poll() is None:
                 time.sleep(POLL_S)
         code = proc.finish()
+        self._release()  # the process is gone: what it held is back (NVML says so on the next admission)
         hidden = proc.hidden_startup_s(previous_exit)
         self.overlap_saved += hidden
         error = self.ctx.job.read_error(spec.name) if code != EXIT_OK else None
@@ -250,21 +401,27 @@ class Runner:
             torch_peak_allocated=(manifest or error or {}).get("torch_peak_allocated"),
             started_s=started - self.t0, wall_s=time.monotonic() - started, hidden_startup_s=hidden,
             ready_s=proc.ready_at - self.t0 if proc.ready_at is not None else None,
-            message=_message(code, error, self.ctx.job.path(spec.name, "log.txt")), samples=sampler.samples,
+            message=_message(code, error, self.ctx.job.path(spec.name, "log.txt")), reserved_bytes=reserved,
+            samples=sampler.samples,
         )  # fmt: skip
         self.attempts.append(attempt)
         self.ctx.on_event("end", attempt)
         return attempt
 
     def _recover(self, spec: StageSpec, attempt: Attempt) -> tuple[PlanChoice, str]:
-        """After an OOM: blame a neighbour (wait, or shrink the budget) or the estimate (learn), then re-plan."""
+        """After an OOM: blame our own jobs (retry: admission waits for them), a neighbour (wait, or
+        shrink the budget) or the estimate (learn), then re-plan."""
         free = self._free_now()
+        had = attempt.reserved_bytes or self.budget  # what the stage could use: its reservation, or the budget
         reason: str
-        if free is not None and free - AUTO_RESERVE < self.budget:
+        if free is not None and free - AUTO_RESERVE < had and self._siblings_hold_it(had):
+            return self.choice, (f"only {gib(free)} free and unreserved after the failure (the stage had "
+                                 f"{gib(had)}): our other jobs hold the rest; retrying when they give it back")  # fmt: skip
+        if free is not None and free - AUTO_RESERVE < had:
             reason = f"only {gib(free)} free after the failure (budget {gib(self.budget)}): another process took memory"
-            free = self._wait_for_free(free)
-            if free - AUTO_RESERVE < self.budget:
-                self.budget = max(0, free - AUTO_RESERVE)
+            free = self._wait_for_free(free, had)
+            if free - AUTO_RESERVE < had:
+                self.budget = max(0, min(self.budget, free - AUTO_RESERVE))
                 reason += f"; budget lowered to {gib(self.budget)}"
             else:
                 reason += "; it was given back while waiting"
@@ -272,7 +429,7 @@ class Runner:
             raw = predict(spec.name, self.choice.plan, self.ctx.n_refs, self.ctx.table).allocator_bytes
             ctxb = self.ctx.table.context_bytes
             measured = attempt.measured_gpu_bytes - ctxb if attempt.measured_gpu_bytes else None
-            cap = self.budget - ctxb
+            cap = had - ctxb
             factor = oom_factor(raw, self.ctx.corrections.factor(spec.name), cap, measured)
             factor = self.ctx.corrections.learn(spec.name, factor, f"OOM at cap {gib(cap)} with {attempt.plan_label}")
             reason = (f"stage {spec.name} ran out of memory at a cap of {gib(cap)} (predicted "
@@ -285,19 +442,26 @@ class Runner:
         return choice, reason
 
     def _free_now(self) -> int | None:
+        """NVML free on our GPU; on a shared GPU, free and unreserved (other jobs' claims subtracted)."""
         if self.ctx.probe is None or self.ctx.gpu is None:
             return None
         for g in self.ctx.probe.gpus():
             if g.index == self.ctx.gpu.index:
-                return g.free
+                return self.ctx.ledger.available(g, self.ctx.job_id) if self.ctx.ledger is not None else g.free
         return None
 
-    def _wait_for_free(self, free: int) -> int:
-        """With --wait-for-vram: poll with backoff until the budget is free again or time is up."""
+    def _siblings_hold_it(self, need: int) -> bool:
+        """On a shared GPU: would `need` fit once our other jobs' stages have ended?"""
+        if self.ctx.ledger is None or self.admitter is None:
+            return False
+        return wait_kind(self.ctx.ledger.view(self.admitter.gpu), self.ctx.job_id, need, AUTO_RESERVE) == "siblings"
+
+    def _wait_for_free(self, free: int, need: int) -> int:
+        """With --wait-for-vram: poll with backoff until `need` is free again or time is up."""
         deadline = time.monotonic() + self.ctx.wait_for_vram_s
         delay = 0.5
-        while free - AUTO_RESERVE < self.budget and time.monotonic() < deadline:
-            self.ctx.on_event("waiting", (free, self.budget))
+        while free - AUTO_RESERVE < need and time.monotonic() < deadline:
+            self.ctx.on_event("waiting", (free, need))
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 30.0)
             free = self._free_now() or free
@@ -306,6 +470,10 @@ class Runner:
     def _cleanup(self) -> None:
         if self.running is not None and self.running.poll() is None:
             self.running.kill()
+        try:
+            self._release()  # after the process is gone, so its memory is never handed out twice
+        except LedgerError:
+            pass  # the entry is swept when the next reader finds the process gone
         for proc in self.prestarted.values():  # never got `go`: they hold no GPU memory and wrote nothing
             if proc.ready_at is not None:
                 proc.dismiss()

@@ -307,6 +307,7 @@ def stage_main(
             if line != "go":
                 sys.exit(EXIT_OK)  # the runner no longer needs this process
         phase = "run"
+        t_go = time.time()
         ctx._load_request()
         ctx.job.clear_error(name)
         ctx.job.sweep_temporaries(name)  # what a killed earlier attempt left half-written
@@ -315,6 +316,7 @@ def stage_main(
         _fault_point(name, "start", ctx.attempt)
         _inject_fault(name, ctx.attempt)
         t = time.time()
+        ctx.timings["setup_s"] = t - t_go  # after `go`, before the work: request, CUDA context, memory cap
         run(ctx, prepared)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
@@ -328,6 +330,7 @@ def stage_main(
             "plan": ctx.plan.to_dict(),
             "outputs": list(ctx._outputs),
             "timings": ctx.timings,
+            "process_started_at": T0,  # wall clock when this process began importing (pre-start: long before go)
             "device": str(ctx.device),
             "cap_bytes": ctx.cap_bytes,
             "extras": ctx._extras,

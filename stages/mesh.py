@@ -62,11 +62,10 @@ def run(ctx: StageContext, assets: Any) -> None:
     del nrm
 
     def log(it: int, loss: float, n_faces: int) -> None:
-        if it % 50 == 0 or it == plan.mesh_iters - 1:
-            ctx.log(f"iter {it}: loss {loss:.4f}, {n_faces} faces")
+        ctx.log(f"iter {it}: loss {loss:.4f}, {n_faces} faces")
 
     verts, faces, losses = fit_mesh(raster, body_n.to(dev), body_f.to(dev), target.to(dev), mask.to(dev), yaws,
-                                    plan.mesh_iters, RADIUS, on_step=log)
+                                    plan.mesh_iters, RADIUS, view_chunk=plan.mesh_view_chunk, on_log=log)
     del target, mask
     ctx.free_memory()
     v, f = replace_hands(verts.cpu().numpy(), faces.cpu().numpy(), body_n.numpy(), body_f.numpy(), hand_ids, lmk)
@@ -83,7 +82,7 @@ def run(ctx: StageContext, assets: Any) -> None:
                             color_weights(yaws), RADIUS, plan.mesh_resolution).cpu()
     verts_m = torch.from_numpy(pv) / scale + centre
     _write(ctx, verts_m.float(), torch.from_numpy(pf).long(), colors.float())
-    ctx.record(iterations=plan.mesh_iters, loss_first=losses[0] if losses else None,
+    ctx.record(iterations=plan.mesh_iters, view_chunk=plan.mesh_view_chunk, loss_first=losses[0] if losses else None,
                loss_last=losses[-1] if losses else None, remeshed_faces=int(faces.shape[0]),
                vertices=int(pv.shape[0]), faces=int(pf.shape[0]), poisson=poisson_note)
 

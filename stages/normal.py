@@ -7,22 +7,20 @@ Reads apose (poses) and rgb (images, alphas); the reference of view i is RGB vie
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from stages.harness import StageContext, stage_main
-from stages.rgb import expect, finish, load_models, read_poses, sample
+from stages.rgb import Prepared, expect, finish, load_models, read_poses, sample
 from up2you.diffusion.pipeline import NORMAL_PROMPT
 
 NAME = "normal"
 
 
-def prepare(ctx: StageContext) -> Any:
+def prepare(ctx: StageContext) -> Prepared:
     return load_models(ctx, "normal_adapter")
 
 
-def run(ctx: StageContext, prepared: Any) -> None:
+def run(ctx: StageContext, prepared: Prepared) -> None:
     p = ctx.plan
     poses = read_poses(ctx)
     rgb = ctx.load_tensors("rgb")
@@ -33,8 +31,8 @@ def run(ctx: StageContext, prepared: Any) -> None:
     a = alphas[:, None]
     references = images * a + 0.5 * (1 - a)
     with torch.inference_mode():
-        normals = sample(ctx, prepared, NORMAL_PROMPT, poses, references, None)
-    finish(ctx, normals, "normal")
+        normals = sample(ctx, prepared.models, NORMAL_PROMPT, poses, references, None)
+    finish(ctx, normals, "normal", prepared.matte)
 
 
 if __name__ == "__main__":

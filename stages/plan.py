@@ -42,6 +42,7 @@ class Plan:
     # geometry
     mesh_iters: int = 700
     mesh_resolution: int = 1024
+    mesh_view_chunk: int = 0  # views rendered per batch in the mesh fit, 0 = all (memory only: exact)
     video_frames: int = 64
     video_resolution: int = 1024
     video_chunk: int = 8  # frames rasterised per batch
@@ -60,6 +61,7 @@ class Plan:
         _check(self.dtype in DTYPES, f"dtype {self.dtype!r} not in {DTYPES}")
         _check(self.views >= 1 and self.resolution % 64 == 0, "views >= 1 and resolution a multiple of 64")
         _check(self.thg_interval >= 1 and self.steps >= 1, "thg_interval and steps >= 1")
+        _check(self.mesh_view_chunk >= 0, "mesh_view_chunk >= 0 (0 = all views at once)")
 
     @property
     def on_gpu(self) -> bool:

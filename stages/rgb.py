@@ -8,7 +8,7 @@ reference tokens chosen by its weight maps. The helpers here are shared with sta
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +30,24 @@ def quiet_libraries() -> None:
     tlog.disable_progress_bar()
 
 
-def load_models(ctx: StageContext, adapter_key: str) -> DiffusionModels:
+@dataclass
+class Prepared:
+    """What `prepare` puts in host memory before `go`: the diffusion models and BiRefNet (None in
+    full-random, which has no matting model), so that `run` reads no file."""
+
+    models: DiffusionModels
+    matte: torch.nn.Module | None
+
+
+def load_models(ctx: StageContext, adapter_key: str) -> Prepared:
     """Host-memory models for the profile; a missing file raises MissingWeightsError (exit 66)."""
     quiet_libraries()
     if ctx.profile == "full-random":  # shapes only (meta): `sample` materialises them in `run`
-        return random_sd21(materialize=False)
-    return load_for_profile(ctx.profile, ctx.ckpt("sd21"), ctx.ckpt(adapter_key))
+        return Prepared(random_sd21(materialize=False), None)
+    from up2you.encoders.birefnet import load_birefnet
+
+    models = load_for_profile(ctx.profile, ctx.ckpt("sd21"), ctx.ckpt(adapter_key))
+    return Prepared(models, load_birefnet(ctx.ckpt("birefnet"), "cpu", torch.float32))
 
 
 def expect(name: str, t: torch.Tensor, shape: tuple[int | None, ...], fix: str) -> None:
@@ -79,17 +91,17 @@ def materialize_random(ctx: StageContext, models: DiffusionModels) -> None:
     ctx.timings["materialize_s"] = time.time() - t
 
 
-def finish(ctx: StageContext, images: torch.Tensor, png_prefix: str) -> None:
+def finish(ctx: StageContext, images: torch.Tensor, png_prefix: str, matte: torch.nn.Module | None) -> None:
     """Alpha of every view with BiRefNet (the UNet is gone by now), then outputs and RGBA PNGs."""
-    if ctx.profile == "full-random":
+    if matte is None:
         alphas = torch.ones(images.shape[0], *images.shape[-2:])
         ctx.record(alpha="skipped in profile full-random: all ones")
     else:
-        from up2you.encoders.birefnet import load_birefnet, predict_alpha
+        from up2you.encoders.birefnet import predict_alpha
 
-        model = load_birefnet(ctx.ckpt("birefnet"), ctx.device, torch.float32)
-        alphas = predict_alpha(model, images.to(ctx.device)).float().cpu()
-        del model
+        matte.to(ctx.device)
+        alphas = predict_alpha(matte, images.to(ctx.device)).float().cpu()
+        matte.to("cpu")
         ctx.free_memory()
         ctx.record(alpha="birefnet")
     ctx.save_tensors("outputs.safetensors", {"images": images.float().contiguous(), "alphas": alphas.contiguous()})
@@ -97,11 +109,11 @@ def finish(ctx: StageContext, images: torch.Tensor, png_prefix: str) -> None:
         ctx.save_image(f"{png_prefix}_{i:02d}.png", torch.cat([img, a[None]]))
 
 
-def prepare(ctx: StageContext) -> Any:
+def prepare(ctx: StageContext) -> Prepared:
     return load_models(ctx, "rgb_adapter")
 
 
-def run(ctx: StageContext, prepared: Any) -> None:
+def run(ctx: StageContext, prepared: Prepared) -> None:
     p = ctx.plan
     poses = read_poses(ctx)
     refs = ctx.load_tensors("segment")["ref_rgbs"].float()
@@ -111,8 +123,8 @@ def run(ctx: StageContext, prepared: Any) -> None:
     expect("weights/outputs.safetensors weight_maps", weight_maps, (p.views, nr, None, None),
            "rerun stage weights (one map per view and reference photo)")
     with torch.inference_mode():
-        images = sample(ctx, prepared, RGB_PROMPT, poses, to_resolution(refs, p.resolution), weight_maps)
-    finish(ctx, images, "view")
+        images = sample(ctx, prepared.models, RGB_PROMPT, poses, to_resolution(refs, p.resolution), weight_maps)
+    finish(ctx, images, "view", prepared.matte)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,22 @@ MIN_PERSON_COVERAGE = 0.005
 
 
 def prepare(ctx: StageContext) -> Any:
-    """BiRefNet into host memory (real/tiny); nothing for full-random."""
-    if ctx.profile == "full-random":
+    """BiRefNet into host memory (real/tiny) unless every photo brings its own alpha; nothing for
+    full-random. Segment is the first stage: nothing hides its start-up, so it loads only what it needs."""
+    if ctx.profile == "full-random" or _all_have_alpha(ctx):
         return None
     from up2you.encoders.birefnet import load_birefnet
 
     return load_birefnet(ctx.ckpt("birefnet"), "cpu", torch.float32)
+
+
+def _all_have_alpha(ctx: StageContext) -> bool:
+    """True when the job's inputs are known and every photo keeps its own alpha (no matting needed)."""
+    try:
+        photos = ctx.input_photos()
+        return bool(photos) and all(open_photo(p).mode == "RGBA" for p in photos)
+    except (OSError, ValueError, KeyError, PhotoError):  # unknown yet or unreadable: `run` says which
+        return False
 
 
 def _open_all(photos: list[Path]) -> list[Image.Image]:
@@ -69,6 +79,10 @@ def run(ctx: StageContext, prepared: Any) -> None:
     images = _open_all(photos)  # every photo decoded before the GPU is touched
     model: torch.nn.Module | None = prepared
     to_matte = sum(im.mode != "RGBA" for im in images)
+    if model is None and to_matte and ctx.profile != "full-random":  # the inputs changed after prepare
+        from up2you.encoders.birefnet import load_birefnet
+
+        model = load_birefnet(ctx.ckpt("birefnet"), "cpu", torch.float32)
     if model is not None and to_matte:
         model.to(ctx.device)
     rgbs, alphas = [], []
@@ -95,8 +109,10 @@ def run(ctx: StageContext, prepared: Any) -> None:
     ctx.save_tensors("outputs.safetensors", {"ref_rgbs": torch.stack(rgbs), "ref_alphas": torch.stack(alphas)})
     ctx.record(n_refs=len(photos), alpha_kept=len(photos) - to_matte,
                birefnet_runs=to_matte if model is not None else 0)
-    if model is None:
+    if model is None and ctx.profile == "full-random":
         ctx.record(birefnet="not measured (full-random: the photo's alpha or a full alpha)")
+    elif model is None:
+        ctx.record(birefnet="not loaded: every photo has its own alpha")
 
 
 if __name__ == "__main__":

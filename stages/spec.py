@@ -103,9 +103,9 @@ class Pipeline:
 _DIFFUSION_KNOBS = (
     "views", "resolution", "steps", "guidance", "seed", "thg_schedule", "thg_interval",
 )  # fmt: skip
-# cfg_mode, vae_mode, offload and ref_chunk are exact rewrites: they change memory, not results
-# beyond float rounding, so they are not part of the key (a retry with sequential CFG keeps the
-# finished earlier stages and need not recompute anything but the failed stage).
+# cfg_mode, vae_mode, offload, ref_chunk and mesh_view_chunk are exact rewrites: they change memory,
+# not results beyond float rounding, so they are not part of the key (a retry with sequential CFG
+# keeps the finished earlier stages and need not recompute anything but the failed stage).
 
 UP2YOU = Pipeline(
     stages=(

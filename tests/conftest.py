@@ -17,11 +17,18 @@ GiB = 2**30
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Learned corrections and tiny weights go to a per-test folder, never to ~/.cache."""
+    """Learned corrections, tiny weights, weight caches and the GPU ledger go to per-test folders, never ~/.cache."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("UP2YOU_CACHE_DIR", str(cache))
+    monkeypatch.setenv("UP2YOU_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.delenv("UP2YOU_SIMULATED_GPUS", raising=False)
     monkeypatch.delenv("UP2YOU_FAULTS", raising=False)
     monkeypatch.delenv("FAKE_RUN_S", raising=False)
+    # weights are looked for in the Hugging Face and torch.hub caches too: never this machine's real ones
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("UP2YOU_WEIGHTS", raising=False)
     return cache
 
 

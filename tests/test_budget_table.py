@@ -114,3 +114,19 @@ def test_fit_never_returns_negative_memory() -> None:
     assert all(t.coef >= 0 for t in result.terms)
     with pytest.raises(ValueError):
         fit(terms, [])
+
+
+def test_mesh_view_chunk_scales_only_the_per_view_rasterisation_term() -> None:
+    table = load_table()  # the calibrated table the planner uses
+    plan = Plan(views=20)
+    full = predict("mesh", plan, 6, table)
+    assert predict("mesh", plan.replace(mesh_view_chunk=20), 6, table) == full
+    assert predict("mesh", plan.replace(mesh_view_chunk=40), 6, table) == full
+    per_view = "rasterisation forward + backward per view in a chunk"
+    for chunk in (10, 5, 1):
+        p = predict("mesh", plan.replace(mesh_view_chunk=chunk), 6, table)
+        assert p.breakdown[per_view] == pytest.approx(full.breakdown[per_view] * chunk / 20, rel=1e-6)
+        # the targets of all 20 views and the mesh stay resident whatever the chunk
+        assert {k: v for k, v in p.breakdown.items() if k != per_view} == \
+            {k: v for k, v in full.breakdown.items() if k != per_view}
+    assert "mesh_view_chunk" in table.provenance["derived_predictions"]

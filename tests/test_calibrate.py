@@ -99,6 +99,15 @@ def test_calibrate_on_the_fake_pipeline_writes_a_table_the_planner_uses(photos, 
     c = Constraints()
     choice = choose_plan(FAKE, table, 3, 64 * GiB, base_plan(c, device="cpu"), c)
     assert choice.plan.views == 20
+    # the time section is fitted from the same runs: start-ups measured; per-step terms, at one step count, not
+    assert table.time is not None and set(table.time.stages) == set(FAKE.names)
+    for name, model in table.time.stages.items():
+        startup = next(t for t in model.terms if t.part == "startup")
+        assert startup.kind == "measured" and startup.coef > 0, name
+    assert any(n.startswith("rgb run: UNet conditional branch") and "not separable" in n
+               for n in table.time.provenance["not_fitted"])  # fmt: skip
+    assert table.time.provenance["lengths"] == ["2 steps, 20 mesh iterations, 16 frames"]
+    assert choice.times is not None and choice.times.total_s > 0
 
 
 def test_cli_calibrate_refuses_cpu_without_tiny(tmp_path: Path, capsys) -> None:
@@ -116,3 +125,22 @@ def test_grid_parts_cover_the_grid_once_in_order() -> None:
         assert sum(parts, ()) == grid
     with pytest.raises(ValueError):
         grid_part(grid, 3, 2)
+
+
+def test_full_length_points_end_the_grid_and_stay_out_of_the_memory_fit(fake_table) -> None:
+    from orchestrator.calibrate import fit_table, full_grid
+
+    grid = full_grid()
+    assert [p.full_length for p in grid[-2:]] == [True, True] and not any(p.full_length for p in grid[:-2])
+    assert {p.thg_interval for p in grid[-2:]} == {1, 3} and len({p.views for p in grid[-2:]}) == 2
+    assert "full-length" in grid[-1].label and "thg-1" in grid[-1].label
+    Plan(**grid[-1].knobs())  # only Plan fields
+
+    def m(views: int, peak: int, full: bool) -> Measurement:
+        return Measurement("mesh", f"p{views}{full}", Plan(views=views).to_dict(), 3, "ok", nvml_peak=peak,
+                           rss_peak=None, torch_allocated=None, torch_reserved=peak - GiB, full_length=full)
+
+    short = [m(6, 3 * GiB, False), m(20, 5 * GiB, False)]
+    a, _ = fit_table(fake_table, short, {})
+    b, _ = fit_table(fake_table, [*short, m(20, 40 * GiB, True)], {})
+    assert a.stages == b.stages and a.context_bytes == b.context_bytes

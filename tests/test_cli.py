@@ -108,3 +108,12 @@ def test_gpus_without_nvml_says_so(capsys) -> None:
         pass
     code, text = _run(capsys, "gpus")
     assert code == 69 and "--device cpu" in _one_line_error(text)
+
+
+def test_setup_without_cuda_says_why_it_cannot_build(capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA works here: this test is for machines without a GPU")
+    code, text = _run(capsys, "setup")
+    assert code == 69 and "no CUDA GPU" in text and "Traceback" not in text

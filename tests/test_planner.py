@@ -2,8 +2,17 @@
 
 import pytest
 
-from budgets.table import load_table
-from orchestrator.planner import MEMORY_LADDER, Constraints, NoPlanFits, base_plan, candidates, choose_plan
+from budgets.table import load_table, predict
+from orchestrator.planner import (
+    MEMORY_LADDER,
+    Constraints,
+    NoPlanFits,
+    base_plan,
+    candidates,
+    choose_plan,
+    evaluate,
+    mesh_view_chunks,
+)
 from stages.spec import UP2YOU
 
 GiB = 2**30
@@ -24,8 +33,8 @@ def _choose(table, gib: float, prefer: str = "quality", factors=None, **fixed):
     (16, 20, 768, "batched", "none"),
     (12, 20, 768, "sequential", "none"),
     (8, 20, 768, "sequential", "model"),  # the H100-calibrated table: model offload suffices at 8 GiB
-    (6, 12, 768, "sequential", "model"),  # 20 views: the mesh stage alone needs 7 GiB (measured)
-    (4, 6, 768, "sequential", "model"),
+    (6, 20, 512, "sequential", "none"),  # 20 views: mesh views in chunks (all at once needs 7 GiB, measured)
+    (4, 12, 512, "sequential", "model"),
 ])  # fmt: skip
 def test_quality_plan_per_budget(table, budget, views, res, cfg, offload) -> None:
     choice = _choose(table, budget)
@@ -63,7 +72,8 @@ def test_below_minimum_names_the_minimum_plan(table) -> None:
     e = info.value
     assert 2 * GiB < e.minimum_bytes < 4 * GiB
     assert "below the minimum of any plan" in str(e)
-    assert "6 views" in str(e) and "512 px" in str(e) and "offload" in str(e)
+    assert "512 px" in str(e) and "offload" in str(e)
+    assert e.stage == "video"  # not mesh: with its views in chunks the mesh fit no longer sets the floor
     suggested = float(str(e).split("--vram ")[1].split("GB")[0])
     assert e.minimum_bytes / GiB <= suggested <= e.minimum_bytes / GiB + 0.2
     # the minimum really is enough
@@ -76,7 +86,8 @@ def test_learned_correction_degrades_the_plan(table) -> None:
 
 def test_degradations_explain_the_choice(table) -> None:
     d = " | ".join(_choose(table, 6).degradations)
-    assert "views 20 -> 12" in d and "needs" in d
+    assert "resolution 768 -> 512 px" in d and "needs" in d and "mesh views all -> chunks of" in d
+    assert "views 20 -> 12" in " | ".join(_choose(table, 4).degradations)
     assert _choose(table, 80).degradations == ()
 
 
@@ -93,3 +104,49 @@ def test_bad_constraints_are_rejected() -> None:
         Constraints(views=7)
     with pytest.raises(ValueError):
         Constraints(prefer="cheap")
+
+
+def test_6gb_keeps_20_views_by_rendering_the_mesh_views_in_chunks(table) -> None:
+    choice = _choose(table, 6)
+    p = choice.plan
+    assert p.views == 20 and 0 < p.mesh_view_chunk < 20
+    mesh = next(f for f in choice.fits if f.stage == "mesh")
+    assert mesh.fits and mesh.need_bytes <= 6 * GiB
+    # all 20 views in one batch would not fit: the chunk is what keeps the views
+    unchunked = evaluate(p.replace(mesh_view_chunk=0), UP2YOU, table, 6, 6 * GiB)
+    assert not next(f for f in unchunked if f.stage == "mesh").fits
+    # and it is the fewest chunks that fit: one chunk size up (fewer chunks) does not
+    sizes = mesh_view_chunks(20)
+    bigger = sizes[sizes.index(p.mesh_view_chunk) - 1]
+    assert not next(f for f in evaluate(p.replace(mesh_view_chunk=bigger), UP2YOU, table, 6, 6 * GiB)
+                    if f.stage == "mesh").fits
+    assert f"mesh views in chunks of {p.mesh_view_chunk}" in choice.candidate.label
+
+
+@pytest.mark.parametrize("budget", [80, 12, 8])
+def test_mesh_views_stay_in_one_batch_when_they_fit(table, budget: int) -> None:
+    p = _choose(table, budget).plan
+    assert p.mesh_view_chunk == 0 and p.views == 20
+    assert "chunks" not in " | ".join(_choose(table, budget).degradations)
+
+
+def test_a_learned_mesh_correction_shrinks_the_chunk_not_the_plan(table) -> None:
+    base = _choose(table, 8).plan
+    p = _choose(table, 8, factors={"mesh": 1.4}).plan
+    assert 0 < p.mesh_view_chunk < 20
+    assert p.replace(mesh_view_chunk=0) == base  # views, pixels and the diffusion knobs are untouched
+    pred = predict("mesh", p, 6, table).scaled(1.4)
+    assert pred.total_bytes + table.margin(pred.allocator_bytes) <= 8 * GiB
+
+
+def test_mesh_view_chunks_go_from_all_views_to_one() -> None:
+    assert mesh_view_chunks(20) == [0, 10, 5, 4, 2, 1]  # equal chunks only
+    assert mesh_view_chunks(12) == [0, 6, 4, 3, 2, 1]
+    assert mesh_view_chunks(6) == [0, 3, 2, 1]
+    assert mesh_view_chunks(1) == [0]
+
+
+def test_mesh_view_chunk_is_not_part_of_any_cache_key() -> None:
+    from stages.plan import Plan
+
+    assert UP2YOU.keys(Plan(), "in") == UP2YOU.keys(Plan(mesh_view_chunk=5), "in")

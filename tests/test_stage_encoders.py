@@ -136,6 +136,16 @@ def test_empty_cutout_exits_65(tmp_path: Path, weights: Path) -> None:
     assert r.returncode == EXIT_BAD_INPUT and "no person" in job.read_error("segment")["message"]
 
 
+def test_segment_with_only_cutouts_never_loads_birefnet(tmp_path: Path) -> None:
+    cutout = _photos(tmp_path)[0]  # its own alpha: nothing to matte
+    no_birefnet = tmp_path / "no-weights"  # a BiRefNet load would exit 66 here
+    job = _job(tmp_path, [cutout], no_birefnet)
+    r = _run("segment", job, no_birefnet)
+    assert r.returncode == EXIT_OK, r.stderr
+    extras = job.read_manifest("segment")["extras"]
+    assert extras["birefnet_runs"] == 0 and "not loaded" in extras["birefnet"]
+
+
 def test_segment_full_random_uses_photo_alpha_and_says_so(tmp_path: Path) -> None:
     job = _job(tmp_path, _photos(tmp_path), tmp_path / "none", profile="full-random")
     r = _run("segment", job, tmp_path / "none", profile="full-random")

@@ -1,8 +1,9 @@
-"""Where each released checkpoint lives inside `--weights DIR`, and where to get it.
+"""Where each released checkpoint lives inside `--weights DIR`, where to get it, and what it must hash to.
 
 The layout follows upstream UP2You (`pretrained_models/`, `human_models/` as in `Co2y/UP2You`)
 plus one folder per third-party model in its own released layout. Torch-free: the orchestrator
-checks for missing files before it starts a single process.
+checks for missing or wrong files before it starts a single process, and `weights fetch` reads
+its download list (`DOWNLOADS`) and expected sizes/hashes (`EXPECTED`) from here.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ CHECKPOINTS: dict[str, Checkpoint] = {
                    "dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth "
                    "(torch.hub facebookresearch/dinov2, dinov2_vitl14)"),
         Checkpoint("birefnet", "BiRefNet/", "huggingface.co/ZhengPeng7/BiRefNet (the whole repo: code + weights)",
-                   ("config.json", "model.safetensors")),
+                   ("config.json", "model.safetensors", "birefnet.py", "BiRefNet_config.py")),
         Checkpoint("smplx", "human_models/models/smplx/SMPLX_NEUTRAL.npz",
                    "smpl-x.is.tue.mpg.de (licence required) or huggingface.co/Co2y/UP2You human_models/"),
         Checkpoint("mano_ids", "human_models/smpl_data/MANO_SMPLX_vertex_ids.pkl",
@@ -205,3 +206,120 @@ def _pickle_globals_problem(data: bytes) -> str | None:
     except Exception as exc:  # noqa: BLE001 - a pickle we cannot walk is not one we load
         return f"holds a pickle that cannot be read ({type(exc).__name__})"
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the released files must be: size and sha256 as read from Git-LFS pointers or cache blob names.
+# Only values actually read are recorded, each with where it was read; None = unknown (not checked).
+
+_HUIHUIYAY = "Git-LFS pointer in github.com/huihuiyay/Up2you @38d7e76 (a copy of Co2y/UP2You)"
+_HUIHUIYAY_BIREFNET = ("Git-LFS pointer of models/BiRefNet/model.safetensors in github.com/huihuiyay/Up2you "
+                       "@38d7e76 (its 2025-11-17 copy of ZhengPeng7/BiRefNet)")
+_SD_BLOBS = ("HF-cache blob name (= sha256) of stabilityai/stable-diffusion-2-1-base, read from the symlinks "
+             "committed in github.com/User19779/ZoDiac @549cc54; the Manojb mirror's UNet fp16 blob has the same "
+             "sha256 (28ec9cf3...) in a third-party audit of Manojb revision 0094d48")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What one file must be; `None` fields are unknown and not checked."""
+
+    size: int | None
+    sha256: str | None
+    read_from: str
+
+
+EXPECTED: dict[str, Expected] = {
+    "pretrained_models/rgb_adapter.safetensors": Expected(
+        706098256, "95ac50c0f894931b3a55080299b75d762b94b84d669eb9c00309debf6b5dffef", _HUIHUIYAY),
+    "pretrained_models/normal_adapter.safetensors": Expected(
+        706098256, "ebf7e5886f396649112ac72fe30f59ad047dd469a8c161a90b3ef6bb68df8e50", _HUIHUIYAY),
+    "pretrained_models/shape_predictor.pt": Expected(
+        417991134, "d43751d389b8bc219c793ded0c524678b89e6dd090c251968a70e8dcd5a81bc9", _HUIHUIYAY),
+    "pretrained_models/feature_aggregator.pt": Expected(
+        217946530, "9304c06fce5b7734a3e4e536860dc1bad3e65b335672d3057736c7af4025142a", _HUIHUIYAY),
+    "human_models/models/smplx/SMPLX_NEUTRAL.npz": Expected(
+        108752058, "376021446ddc86e99acacd795182bbef903e61d33b76b9d8b359c2b0865bd992", _HUIHUIYAY),
+    "human_models/smpl_data/MANO_SMPLX_vertex_ids.pkl": Expected(
+        13535, "e5abe70b6574de25470475091e8008314a5b90127eb48c3e63bfa0adf8c04dcf", _HUIHUIYAY),
+    "human_models/smpl_data/smplx_vertex_lmkid.npy": Expected(
+        83928, "595933599d6a177adad5d34172432b210e51fbe6ab5a3ba744b87210ce50413d", _HUIHUIYAY),
+    "BiRefNet/model.safetensors": Expected(
+        444473596, "9ab37426bf4de0567af6b5d21b16151357149139362e6e8992021b8ce356a154", _HUIHUIYAY_BIREFNET),
+    _SD + "unet/diffusion_pytorch_model.safetensors": Expected(
+        None, "6dfae3e5f7d459b50f4b0850ead945972c75bb0e1897628933e169eb43974214", _SD_BLOBS),
+    _SD + "vae/diffusion_pytorch_model.safetensors": Expected(
+        None, "a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815", _SD_BLOBS),
+    _SD + "text_encoder/model.safetensors": Expected(
+        None, "cce6febb0b6d876ee5eb24af35e27e764eb4f9b1d0b7c026c8c3333d4cfc916c", _SD_BLOBS),
+    "dinov2/dinov2_vitl14_pretrain.pth": Expected(
+        1217586395, None, "Content-Length of a HEAD on the dl.fbaipublicfiles.com URL, 2026-10-04, recorded in a "
+        "third-party repository (no published sha256; 304,368,640 fp32 parameters = 1,217,474,560 bytes + pickle)"),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where `weights fetch` downloads each checkpoint from, and under which licence.
+
+
+@dataclass(frozen=True)
+class Licence:
+    name: str
+    url: str
+    needs_acceptance: bool = False  # fetched only with --accept-smplx-license
+
+
+LICENCES: dict[str, Licence] = {
+    "up2you": Licence("not stated by the authors (code MIT; treat the weights as research use only)",
+                      "https://huggingface.co/Co2y/UP2You"),
+    "sd21": Licence("CreativeML Open RAIL++-M", "https://huggingface.co/stabilityai/stable-diffusion-2-1-base"),
+    "dinov2": Licence("Apache-2.0", "https://github.com/facebookresearch/dinov2/blob/main/LICENSE"),
+    "birefnet": Licence("MIT", "https://huggingface.co/ZhengPeng7/BiRefNet"),
+    "smplx": Licence("SMPL-X model licence (MPI; non-commercial scientific research only)",
+                     "https://smpl-x.is.tue.mpg.de/modellicense.html", needs_acceptance=True),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Download:
+    """One checkpoint's download: Hugging Face repo files (`repo`) or a plain URL (`url`).
+
+    A repo file `f` lands at `<weights>/<local_dir>/f`, which is where the stages read it.
+    """
+
+    key: str
+    licence: str
+    repo: str = ""
+    revision: str | None = None  # None = the repo's main branch
+    files: tuple[str, ...] = ()
+    local_dir: str = ""
+    url: str = ""
+
+
+UP2YOU_REPO = "Co2y/UP2You"
+SD21_REPO = "Manojb/stable-diffusion-2-1-base"
+SD21_REVISION = "0094d483a120f3f33dafbd187ea4aa60d10de75c"  # the revision third-party projects pin (2026)
+BIREFNET_REPO = "ZhengPeng7/BiRefNet"
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+
+DOWNLOADS: dict[str, Download] = {
+    d.key: d
+    for d in (
+        Download("sd21", "sd21", SD21_REPO, SD21_REVISION, CHECKPOINTS["sd21"].required_files +
+                 ("tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"), _SD.rstrip("/")),
+        *(Download(k, "up2you", UP2YOU_REPO, files=(CHECKPOINTS[k].path,))
+          for k in ("rgb_adapter", "normal_adapter", "shape_predictor", "feature_aggregator")),
+        Download("dinov2", "dinov2", url=DINOV2_URL),
+        Download("birefnet", "birefnet", BIREFNET_REPO, None, CHECKPOINTS["birefnet"].required_files,
+                 CHECKPOINTS["birefnet"].path.rstrip("/")),
+        *(Download(k, "smplx", UP2YOU_REPO, files=(CHECKPOINTS[k].path,)) for k in ("smplx", "mano_ids", "smplx_lmkid")),
+    )
+}  # fmt: skip
+
+
+def files_of(key: str) -> list[str]:
+    """Every file of a checkpoint, relative to the weights folder."""
+    c = CHECKPOINTS[key]
+    if c.path.endswith("/"):
+        return [c.path + f for f in c.required_files]
+    return [c.path]

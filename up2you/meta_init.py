@@ -13,7 +13,7 @@ registration instead of using `torch.device("meta")` + `Module.to_empty` (that w
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -93,3 +93,20 @@ def _tile(out: torch.Tensor, block: torch.Tensor) -> None:
     rest = n - full * b
     if rest:
         flat[full * b:].copy_(block[:rest])
+
+
+@torch.no_grad()
+def random_module(build: Callable[[], nn.Module], seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """`build()` on `meta`, then filled cheaply (as `materialize`), each parameter in its OWN storage.
+
+    For writers of full-size checkpoint files: safetensors refuses tensors that share a storage, and a
+    released file has one storage per tensor. Costs one extra copy of the weights while it runs.
+    """
+    with meta_parameters():
+        module = build()
+    materialize(module, "cpu", seed=seed, dtype=dtype)
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    return module

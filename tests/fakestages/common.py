@@ -13,6 +13,7 @@ from stages.harness import StageContext
 
 def run_fake(ctx: StageContext, reads: tuple[str, ...]) -> torch.Tensor:
     """Allocate, compute and save `outputs.safetensors`; the result depends only on the plan and inputs."""
+    started = time.time()  # wall clock, comparable across stage processes: when this stage held the "GPU"
     plan = ctx.plan
     g = torch.Generator().manual_seed(zlib.crc32(ctx.name.encode()) + plan.seed)
     upstream = sum(float(ctx.load_tensors(r)["out"].double().sum()) for r in reads if r != "inputs")
@@ -22,7 +23,7 @@ def run_fake(ctx: StageContext, reads: tuple[str, ...]) -> torch.Tensor:
     out = torch.rand(plan.views, 8, 8, generator=g) + (upstream % 1000.0) / 1000.0 + ballast.mean()
     time.sleep(_run_seconds(ctx.name))
     ctx.save_tensors("outputs.safetensors", {"out": out.float()})
-    ctx.record(views=plan.views, resolution=plan.resolution, cfg_mode=plan.cfg_mode)
+    ctx.record(views=plan.views, resolution=plan.resolution, cfg_mode=plan.cfg_mode, run_window=[started, time.time()])
     return out
 
 

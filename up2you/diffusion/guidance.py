@@ -11,40 +11,13 @@ holding Delta between refresh steps (anchors §4.5). Refresh steps use exactly t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-PAPER_RHO = 1.1
-PAPER_BOOST = 1.1
-PAPER_CUTOFF = 0.76  # i_hi / N of the paper's SD1.5 setting (38 / 50)
+from up2you.diffusion.refresh import PAPER_BOOST, paper_cutoff_step, refresh_steps, thg_grid
 
-# c_T(u) / c_H(u): ratio of the tortoise's to the hare's local error constant over normalised time u,
-# piecewise constant, read off the paper's SD1.5 grid at rho 1.1 (Richardson estimates, Alg. 3). The
-# real ratio for UP2You needs the model; this profile is the paper's, not re-measured.
-_ERROR_RATIO = ((0.12, 1.0), (0.28, 2.0), (0.52, 3.0), (1.0, 2.0))
-
-
-def thg_grid(steps: int, rho: float = PAPER_RHO, cutoff: float = PAPER_CUTOFF) -> tuple[int, ...]:
-    """Refresh steps of THG's coarse grid ("look before you leap", paper §3.3, Alg. 2).
-
-    A hare leap of m fine steps has local error ~ |c_H| (m dt)^(p+1); the tortoise over the same m steps
-    accumulates ~ m |c_T| dt^(p+1). Keeping their ratio <= rho gives, for order p = 1,
-    m_max(u) = floor(rho * c_T(u) / c_H(u)) (dt cancels, so the grid depends on u = i/steps only).
-    Walk from step 0, leaping m_max each time, until the guidance cutoff at round(cutoff * steps).
-    At 50 steps and rho 1.1 this gives {0..6, 8, 10, 12, 14, 17, 20, 23, 26, 28, ..., 36}: 20 refreshes,
-    70 NFE instead of 100.
-    """
-    end = round(cutoff * steps)
-    grid: list[int] = []
-    i = 0
-    while i < end:
-        grid.append(i)
-        u = i / steps + 1e-9
-        ratio = next(r for u_end, r in _ERROR_RATIO if u < u_end)
-        i += max(1, math.floor(rho * ratio))
-    return tuple(grid)
+__all__ = ["GuidanceSchedule", "GuidedPrediction", "thg_grid"]
 
 
 @dataclass(frozen=True)
@@ -64,13 +37,10 @@ class GuidanceSchedule:
     @classmethod
     def from_plan(cls, schedule: str, steps: int, scale: float, interval: int = 1) -> GuidanceSchedule:
         """`off`: CFG every step; `fixed`: refresh when i % interval == 0; `paper`: thg_grid + boost + cutoff."""
-        if schedule == "off":
-            return cls(scale, steps, frozenset(range(steps)))
-        if schedule == "fixed":
-            return cls(scale, steps, frozenset(range(0, steps, interval)))
+        refresh = frozenset(refresh_steps(schedule, steps, interval))
         if schedule == "paper":
-            return cls(scale, steps, frozenset(thg_grid(steps)), PAPER_BOOST, round(PAPER_CUTOFF * steps))
-        raise ValueError(f"unknown guidance schedule {schedule!r}")
+            return cls(scale, steps, refresh, PAPER_BOOST, paper_cutoff_step(steps))
+        return cls(scale, steps, refresh)
 
     @property
     def guided(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +23,9 @@ UNET_TINY = {**UNET_FULL, "block_out_channels": TINY_CHANNELS, "attention_head_d
              "cross_attention_dim": 32, "sample_size": 8, "norm_num_groups": 8}
 VAE_TINY = {**VAE_FULL, "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "sample_size": 64,
             "norm_num_groups": 8}
+# CLIPTextConfig fields; vocab size and special token ids come from the tokenizer written beside it
+TEXT_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 32}
 _MERGES = ("m u", "mu l", "mul t", "h u", "hu m", "hum a", "huma n</w>", "f u", "fu l", "ful l</w>")
 
 
@@ -38,11 +42,17 @@ def _byte_symbols() -> list[str]:
     return out
 
 
-def write_tiny_tokenizer(folder: Path) -> int:
-    """vocab.json + merges.txt + tokenizer_config.json; returns the vocabulary size."""
+def write_tiny_tokenizer(folder: Path, vocab_size: int | None = None) -> int:
+    """vocab.json + merges.txt + tokenizer_config.json; returns the vocabulary size.
+
+    With `vocab_size` (49408 for SD 2.1's) unused filler entries pad the vocabulary so that the two
+    special tokens get the real ids (49406, 49407), as the full-size text encoder's config says.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     symbols = _byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in _MERGES]
+    if vocab_size is not None:
+        tokens += [f"<|unused{i}|>" for i in range(vocab_size - 2 - len(dict.fromkeys(tokens)))]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -57,23 +67,36 @@ def write_tiny_tokenizer(folder: Path) -> int:
 def write_tiny_diffusion(root: Path | str, seed: int = 0) -> Path:
     """Write `stable-diffusion-2-1-base/` (diffusers layout) and `pretrained_models/{rgb,normal}_adapter
     .safetensors` under root, tiny and random. Returns the SD folder."""
+    return write_diffusion(root, seed, UNET_TINY, VAE_TINY, TEXT_TINY)
+
+
+def write_diffusion(root: Path | str, seed: int, unet_config: dict[str, Any], vae_config: dict[str, Any],
+                    text_config: dict[str, Any], vocab_size: int | None = None, fast: bool = False) -> Path:
+    """The SD 2.1-base folder and both adapter files at the given sizes (tiny, or full in up2you.fullsize).
+
+    `fast`: parameters built on `meta` and given the cheap tiled fill of up2you.meta_init (a full-size
+    UNet's default init alone costs ~34 s); otherwise default init and N(0, 0.05) adapters.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from up2you.diffusion.adapter import AdapterBundle, build_pose_adapter
+    from up2you.meta_init import random_module
+
+    def build(make: Any, k: int) -> Any:
+        return random_module(make, seed + k) if fast else make()
 
     root = Path(root)
     sd = root / "stable-diffusion-2-1-base"
     torch.manual_seed(seed)
-    vocab_size = write_tiny_tokenizer(sd / "tokenizer")
-    unet = UNet2DConditionModel(**UNET_TINY)
+    vocab = write_tiny_tokenizer(sd / "tokenizer", vocab_size)
+    unet = build(lambda: UNet2DConditionModel(**unet_config), 0)
     unet.save_pretrained(sd / "unet", safe_serialization=True)
-    AutoencoderKL(**VAE_TINY).save_pretrained(sd / "vae", safe_serialization=True)
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1))
+    build(lambda: AutoencoderKL(**vae_config), 1).save_pretrained(sd / "vae", safe_serialization=True)
+    text = build(lambda: CLIPTextModel(CLIPTextConfig(
+        **text_config, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)), 2)
     text.save_pretrained(sd / "text_encoder", safe_serialization=True)
+    del text
     (sd / "scheduler").mkdir(parents=True, exist_ok=True)
     (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER_CONFIG, indent=2))
     index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "PNDMScheduler"],
@@ -82,11 +105,12 @@ def write_tiny_diffusion(root: Path | str, seed: int = 0) -> Path:
     (sd / "model_index.json").write_text(json.dumps(index, indent=2))
     out = root / "pretrained_models"
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("rgb_adapter", "normal_adapter"):
+    channels = tuple(unet_config["block_out_channels"])
+    for name in ("rgb_adapter", "normal_adapter"):  # processors are built on the UNet's device: not on meta
         procs = install_processors(unet, AttentionContext())
-        bundle = AdapterBundle(procs, build_pose_adapter(TINY_CHANNELS, UNET_TINY["layers_per_block"]))
+        bundle = AdapterBundle(procs, build_pose_adapter(channels, unet_config["layers_per_block"]))
         with torch.no_grad():
             for p in bundle.parameters():  # visible effect: default init leaves near-silent outputs
-                p.normal_(0.0, 0.05)
+                p.normal_(0.0, 0.02 if fast else 0.05)  # 0.02: meta_init's fill, as in profile full-random
         bundle.save_file(out / f"{name}.safetensors")
     return sd

@@ -9,6 +9,7 @@ We pin `local_files_only=True` (no hub) and an explicit dtype: transformers 5 de
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,10 @@ def load_birefnet(folder: Path | str, device: torch.device | str, dtype: torch.d
     if missing:
         raise MissingWeightsError(missing)
     try:
-        model, info = AutoModelForImageSegmentation.from_pretrained(
-            str(folder), trust_remote_code=True, local_files_only=True, dtype=dtype, output_loading_info=True
-        )
+        with _remote_code_lock():
+            model, info = AutoModelForImageSegmentation.from_pretrained(
+                str(folder), trust_remote_code=True, local_files_only=True, dtype=dtype, output_loading_info=True
+            )
     except ImportError as exc:  # its remote code imports timm/kornia/torchvision/einops
         raise ImportError(f"BiRefNet's code in {folder} needs packages that are not installed: {exc}") from exc
     # transformers only warns about missing/unexpected keys and initialises the missing ones at random
@@ -48,6 +50,17 @@ def load_birefnet(folder: Path | str, device: torch.device | str, dtype: torch.d
         detail = "; ".join(f"{len(v)} {k}: {', '.join(v[:5])}" for k, v in problems.items())
         raise CheckpointMismatchError(f"{folder / 'model.safetensors'}: {detail}")
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _remote_code_lock() -> Any:
+    """An inter-process lock around the load: transformers copies the repository's code into its modules
+    cache with only a thread lock, and pre-started stages (segment, rgb, normal) load BiRefNet at once;
+    a process could import a file another one is still copying."""
+    from filelock import FileLock
+    from transformers.utils import HF_MODULES_CACHE
+
+    Path(HF_MODULES_CACHE).mkdir(parents=True, exist_ok=True)
+    return FileLock(str(Path(HF_MODULES_CACHE) / "up2you-birefnet.lock"))
 
 
 @torch.no_grad()

@@ -20,14 +20,26 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(acc, dim=1, eps=1e-12)
 
 
-def unique_edges(faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E,2) edges with the lower index first, and (F,3) face -> edge index (edge k = corner k -> k+1)."""
+def unique_edges(faces: torch.Tensor, n_verts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E,2) edges with the lower index first, and (F,3) face -> edge index (edge k = corner k -> k+1).
+
+    Edges come sorted by (lower, higher) index. Pass `n_verts` (any bound above the largest index, such
+    as the vertex count) to save the host sync of finding the largest index; the result is the same.
+    """
     a, b = faces.reshape(-1), faces.roll(-1, dims=1).reshape(-1)
     lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    n = int(hi.max()) + 1 if hi.numel() else 1
-    keys, inverse = torch.unique(lo * n + hi, return_inverse=True)  # 1-D unique: much faster than dim=0
-    edges = torch.stack([torch.div(keys, n, rounding_mode="floor"), keys % n], dim=1)
+    if n_verts is None:
+        n_verts = int(hi.max()) + 1 if hi.numel() else 1
+    keys, inverse = torch.unique(lo * n_verts + hi, return_inverse=True)  # 1-D unique: much faster than dim=0
+    edges = torch.stack([torch.div(keys, n_verts, rounding_mode="floor"), keys % n_verts], dim=1)
     return edges, inverse.view(-1, 3)
+
+
+def count_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of 0..size-1 occurs in `index` (int64): `torch.bincount(index, minlength=size)`
+    for indices < size, without the host sync bincount spends on finding the largest index."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(
+        0, index.reshape(-1), torch.ones_like(index.reshape(-1)))
 
 
 def neighbor_mean(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

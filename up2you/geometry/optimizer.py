@@ -7,7 +7,9 @@ shrinks where they settle: the mesh coarsens while it travels and refines where 
 `remesh()` keeps actual edge lengths within `edge_len_tol` of the reference after every step.
 
 State lives in one (V, 9) tensor [position 3 | m1 3 | m2 1 | nu 1 | ref_len 1] so remeshing carries
-it along (new vertices get their parents' mean). The reference implementation's spatial smoothing of
+it along (new vertices get their parents' mean). The edge list of the current faces is computed once
+per iteration and shared by the step (Laplacian) and the remesh's collapse, which see the same faces.
+The reference implementation's spatial smoothing of
 the moments ("gammas") is not implemented: UP2You runs with gammas = 0.
 """
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from up2you.geometry.mesh_ops import neighbor_mean, unique_edges
-from up2you.geometry.remesh import remesh
+from up2you.geometry.remesh import Topology, remesh
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,13 @@ class MeshOptimizer:
         self._state[:, 8] = settings.edge_len_lims[1]
         self.faces = faces.long()
         self.vertices = self._state[:, :3].clone().requires_grad_(True)
+        self._topology: Topology | None = None  # unique_edges(self.faces), while the faces stay put
+
+    def topology(self) -> Topology:
+        """(edges, face -> edge) of the current faces, computed once until the faces change."""
+        if self._topology is None:
+            self._topology = unique_edges(self.faces, self._state.shape[0])
+        return self._topology
 
     @torch.no_grad()
     def step(self) -> None:
@@ -70,7 +79,7 @@ class MeshOptimizer:
         k = self.step_count
         pos, m1, m2, nu, ref = st[:, :3], st[:, 3:6], st[:, 6], st[:, 7], st[:, 8]
         grad = self.vertices.grad if self.vertices.grad is not None else torch.zeros_like(pos)
-        edges, _ = unique_edges(self.faces)
+        edges, _ = self.topology()
         laplace = pos - neighbor_mean(pos, edges)
         grad = grad + s.laplacian_weight * nu[:, None] * laplace
         if k > 1:
@@ -92,7 +101,9 @@ class MeshOptimizer:
         """Collapse / split / flip around the reference edge lengths; returns (vertices, faces)."""
         ref = self._state[:, 8]
         self._state, self.faces = remesh(
-            self._state, self.faces, ref * (1.0 - self.s.edge_len_tol), ref * (1.0 + self.s.edge_len_tol), flip
+            self._state, self.faces, ref * (1.0 - self.s.edge_len_tol), ref * (1.0 + self.s.edge_len_tol), flip,
+            topology=self.topology(),
         )
+        self._topology = None
         self.vertices = self._state[:, :3].clone().requires_grad_(True)
         return self.vertices, self.faces

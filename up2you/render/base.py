@@ -11,12 +11,14 @@ the pure-torch backend (CPU, CI) a drop-in replacement. Conventions (nvdiffrast'
 - `interpolate` returns u*a0 + v*a1 + (1-u-v)*a2 per pixel (0 where empty), differentiable w.r.t.
   the attributes and, through u and v, the positions.
 - `antialias` blends colours across silhouette edges by the edge's sub-pixel position, which is
-  what gives a mask loss its gradient w.r.t. vertex positions.
+  what gives a mask loss its gradient w.r.t. vertex positions. It needs the mesh's edge topology;
+  `topology(tri)` builds it once so that several `antialias` calls on one mesh (views in chunks)
+  can share it. Passing None builds it inside the call.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -34,8 +36,17 @@ class Rasterizer(Protocol):
         """attr (V,C) or (B,V,C) -> (B,H,W,C)."""
         ...
 
+    def reserve(self, batch: int, triangles: int, resolution: tuple[int, int]) -> None:
+        """A hint before drawing a growing mesh: make room for at least `triangles` (no-op if not needed)."""
+        ...
+
+    def topology(self, tri: torch.Tensor) -> Any:
+        """What `antialias` needs to know about `tri` (int32), built once; None if it needs nothing."""
+        ...
+
     def antialias(
-        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor
+        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+        topology: Any = None,
     ) -> torch.Tensor:
-        """color (B,H,W,C) -> antialiased (B,H,W,C)."""
+        """color (B,H,W,C) -> antialiased (B,H,W,C); `topology` = `self.topology(tri)` or None."""
         ...

@@ -6,6 +6,8 @@ the turntable video (normals and colours on white), so all three encode images i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from up2you.render.base import Rasterizer
@@ -26,14 +28,26 @@ def render_attr(
     Image = antialias(attr * mask + background * (1 - mask)); alpha = antialias(mask). Both carry
     gradients to `verts` (through barycentrics and the antialias step) and to `attr`.
     """
-    tri = faces.int().contiguous()
+    both = render_attr_alpha(rast_backend, verts, faces.int().contiguous(), attr, mvps, resolution, background)
+    return both[..., :-1].permute(0, 3, 1, 2), both[..., -1]
+
+
+def render_attr_alpha(
+    rast_backend: Rasterizer, verts: torch.Tensor, tri: torch.Tensor, attr: torch.Tensor, mvps: torch.Tensor,
+    resolution: int, background: float, topology: Any = None,
+) -> torch.Tensor:
+    """`render_attr` as one channels-last tensor (N,R,R,C+1), alpha last; `tri` int32 contiguous.
+
+    For a caller that renders one mesh many times (views in chunks): it converts nothing per call
+    and takes the antialias topology built once (`rast_backend.topology(tri)`). With background 0
+    the blend is skipped: `interpolate` is already 0 where no triangle is.
+    """
     pos = to_clip(verts, mvps).contiguous()
     rast = rast_backend.rasterize(pos, tri, (resolution, resolution))
     mask = (rast[..., 3:] > 0).to(verts.dtype)
     val = rast_backend.interpolate(attr.contiguous(), rast, tri)
-    both = torch.cat([val * mask + background * (1.0 - mask), mask], dim=-1)
-    both = rast_backend.antialias(both.contiguous(), rast, pos, tri)
-    return both[..., :-1].permute(0, 3, 1, 2), both[..., -1]
+    color = val if background == 0.0 else val * mask + background * (1.0 - mask)
+    return rast_backend.antialias(torch.cat([color, mask], dim=-1), rast, pos, tri, topology)
 
 
 def normal_attr(vert_normals: torch.Tensor) -> torch.Tensor:

@@ -26,15 +26,12 @@ from typing import Any
 
 import torch
 
+from up2you.buildcache import extensions_dir
+
+__all__ = ["NvdiffrastRasterizer", "extensions_dir", "load_nvdiffrast"]
+
 _STATE: dict[str, Any] = {}
-
-
-def extensions_dir() -> Path:
-    """The persistent folder torch extensions are built in (see the module docstring)."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "up2you-budget" / "torch_extensions"
+RESERVE_GROWTH = 1.25  # reserve this much more than the triangles seen, so growth reallocates rarely
 
 
 def load_nvdiffrast() -> tuple[Any, float]:
@@ -69,6 +66,25 @@ class NvdiffrastRasterizer:
         self.device = torch.device(device)
         self._dr, self.build_seconds = load_nvdiffrast()
         self._ctx = self._dr.RasterizeCudaContext(device=self.device)
+        self._reserved_triangles = 0
+
+    def reserve(self, batch: int, triangles: int, resolution: tuple[int, int]) -> None:
+        """Grow nvdiffrast's triangle buffers ahead of a mesh that grows a little every iteration.
+
+        Its CUDA rasterizer sizes them (cudaMalloc, outside torch's allocator) to the largest triangle
+        count seen plus a fixed slack and frees and reallocates them at every new maximum: a remeshed
+        mesh that grows by a few hundred faces per iteration would pay that (and the device sync of
+        cudaFree) at every iteration. One draw of degenerate triangles at 1.25x the count makes the
+        next reallocation wait for 25 % more growth.
+        """
+        if triangles <= self._reserved_triangles:
+            return
+        target = int(triangles * RESERVE_GROWTH) + 1
+        pos = torch.zeros(batch, 3, 4, device=self.device)
+        pos[..., 3] = 1.0
+        tri = torch.zeros(target, 3, dtype=torch.int32, device=self.device)  # degenerate: nothing is drawn
+        self._dr.rasterize(self._ctx, pos, tri, list(resolution), grad_db=False)
+        self._reserved_triangles = target
 
     def rasterize(self, pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
         rast, _ = self._dr.rasterize(self._ctx, pos.contiguous(), tri.int().contiguous(), list(resolution),
@@ -79,7 +95,52 @@ class NvdiffrastRasterizer:
         out, _ = self._dr.interpolate(attr.contiguous(), rast, tri.int().contiguous())
         return out
 
+    def topology(self, tri: torch.Tensor) -> Any:
+        """nvdiffrast's edge hash of `tri`: built by one kernel, reusable while `tri` does not change."""
+        return self._dr.antialias_construct_topology_hash(tri.int().contiguous())
+
     def antialias(
-        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor
+        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+        topology: Any = None,
     ) -> torch.Tensor:
-        return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri.int().contiguous())
+        return self._dr.antialias(color.contiguous(), rast, pos.contiguous(), tri.int().contiguous(),
+                                  topology_hash=topology)
+
+
+class CannotBuild(RuntimeError):
+    """nvdiffrast cannot be built on this machine (no CUDA GPU, no nvcc, not installed); says why."""
+
+
+def build_nvdiffrast() -> tuple[Path, float]:
+    """Build (or find built) nvdiffrast's CUDA plugin once for this machine: (folder, seconds spent).
+
+    Raises CannotBuild with the reason and the fix when this machine cannot build it.
+    """
+    if not torch.cuda.is_available():
+        raise CannotBuild(f"torch {torch.__version__} sees no CUDA GPU, so there is nothing to build: runs on this "
+                          "machine use --device cpu (the pure-torch rasterizer)")  # fmt: skip
+    try:
+        import nvdiffrast  # noqa: F401
+    except ImportError:
+        raise CannotBuild("nvdiffrast is not installed: pip install -e '.[gpu]' (diffrp-nvdiffrast)") from None
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        raise CannotBuild(f"no CUDA toolkit (nvcc) found: install the one matching torch's CUDA {torch.version.cuda} "
+                          "and set CUDA_HOME")  # fmt: skip
+    _, seconds = load_nvdiffrast()
+    return extensions_dir(), seconds
+
+
+if __name__ == "__main__":  # `python -m up2you.render.nvdiffrast_backend`: `up2you-budget setup` runs this
+    try:
+        folder, spent = build_nvdiffrast()
+    except CannotBuild as exc:
+        print(f"cannot build nvdiffrast: {exc}", file=sys.stderr, flush=True)
+        sys.exit(69)  # stages.spec.EXIT_NO_DEVICE
+    except Exception as exc:  # noqa: BLE001 - a compiler error: its last line says most
+        lines = [s for s in str(exc).strip().splitlines() if s.strip()] or [type(exc).__name__]
+        print(f"nvdiffrast build failed: {lines[-1]}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    verb = f"built in {spent:.0f} s" if spent >= 1.0 else "already built"
+    print(f"nvdiffrast {verb} in {folder}", flush=True)

@@ -153,8 +153,16 @@ class TorchRasterizer:
         val = u * a[:, 0] + v * a[:, 1] + (1.0 - u - v) * a[:, 2]
         return out.index_put((pix,), val).view(b_count, h, w, c)
 
+    def reserve(self, batch: int, triangles: int, resolution: tuple[int, int]) -> None:
+        """Nothing to reserve: buffers are ordinary tensors of each call."""
+
+    def topology(self, tri: torch.Tensor) -> None:
+        """Nothing to precompute: `antialias` compares triangle corners directly."""
+        return None
+
     def antialias(
-        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor
+        self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+        topology: None = None,
     ) -> torch.Tensor:
         """Blend each silhouette pixel pair by where the front triangle's edge crosses between them."""
         b_count, h, w, c = color.shape

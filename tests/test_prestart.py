@@ -1,0 +1,88 @@
+"""Pre-starting several stages ahead: which ones fit in host memory, and a fake-pipeline run that does it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator import prestart
+from orchestrator.job import RunOptions, run_job
+from orchestrator.prestart import HOST_RESERVE, host_footprint, pending_growth, pick_prestarts
+from stages.jobfs import JobDir
+from stages.spec import UP2YOU
+from tests.fakestages import FAKE
+
+MiB, GiB = 2**20, 2**30
+UPCOMING = [("weights", 1 * GiB), ("rgb", 6 * GiB), ("normal", 6 * GiB), ("mesh", 2 * GiB)]
+
+
+@pytest.mark.parametrize(("available_gib", "expected"), [
+    (100, ["weights", "rgb", "normal", "mesh"]),  # everything fits
+    (15, ["weights", "rgb", "normal"]),  # 1 + 6 + 6 = 13 GiB fit in 15 - 2; mesh would need 2 more
+    (14, ["weights", "rgb"]),  # normal does not fit, and nothing after it is pre-started before it
+    (2.5, ["weights"]),
+    (1, ["weights"]),  # the next stage is pre-started even in tight memory (it starts a moment later anyway)
+])  # fmt: skip
+def test_pick_takes_stages_in_order_while_their_footprints_fit(available_gib: float, expected: list[str]) -> None:
+    assert pick_prestarts(UPCOMING, int(available_gib * GiB)) == expected
+
+
+def test_pick_respects_minimum_maximum_and_reserve() -> None:
+    assert pick_prestarts(UPCOMING, 1 * GiB, minimum=0) == []
+    assert pick_prestarts(UPCOMING, 100 * GiB, maximum=2) == ["weights", "rgb"]
+    assert pick_prestarts(UPCOMING, 100 * GiB, maximum=0) == []
+    assert pick_prestarts(UPCOMING, 8 * GiB, reserve=0) == ["weights", "rgb"]
+    assert pick_prestarts(UPCOMING, 8 * GiB, reserve=HOST_RESERVE) == ["weights"]
+    assert pick_prestarts([], 100 * GiB) == []
+
+
+def test_live_processes_still_growing_count_against_memory() -> None:
+    # a process at 1 GiB of an expected 5 GiB will take 4 more; one past its estimate takes nothing more
+    assert pending_growth([(1 * GiB, 5 * GiB), (3 * GiB, 2 * GiB)]) == 4 * GiB
+
+
+def test_footprint_is_the_measured_peak_plus_the_files_a_real_run_reads(tmp_path: Path) -> None:
+    rgb = UP2YOU["rgb"]
+    assert host_footprint(rgb, "full-random", "") == prestart.MEASURED_RSS_PEAK["rgb"]
+    adapter = tmp_path / "pretrained_models" / "rgb_adapter.safetensors"
+    adapter.parent.mkdir(parents=True)
+    adapter.write_bytes(b"\0" * 3 * MiB)
+    unet = tmp_path / "stable-diffusion-2-1-base" / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.parent.mkdir(parents=True)
+    unet.write_bytes(b"\0" * 5 * MiB)
+    assert host_footprint(rgb, "real", str(tmp_path)) == prestart.MEASURED_RSS_PEAK["rgb"] + 8 * MiB
+    assert host_footprint(UP2YOU["video"], "real", str(tmp_path)) == prestart.MEASURED_RSS_PEAK["video"]
+    matte = tmp_path / "BiRefNet" / "model.safetensors"  # stored fp16, run fp32: twice its size
+    matte.parent.mkdir()
+    matte.write_bytes(b"\0" * 1 * MiB)
+    assert host_footprint(UP2YOU["segment"], "real", str(tmp_path)) == prestart.MEASURED_RSS_PEAK["segment"] + 2 * MiB
+
+
+def test_two_stages_wait_ahead_in_the_memory_for_two_and_one_holds_the_gpu_at_a_time(
+    photos: Path, tmp_path: Path, gpu24, fake_table, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # room for three 100-MiB footprints; at prep's go prep itself (just spawned) may still grow to its 100 MiB
+    monkeypatch.setattr(prestart, "available_host_memory", lambda: HOST_RESERVE + 350 * MiB)
+    monkeypatch.setattr(prestart, "host_footprint", lambda spec, profile, weights: 100 * MiB)
+    monkeypatch.setenv(prestart.AHEAD_ENV, "3")
+    monkeypatch.setenv("FAKE_RUN_S", "prep=2")
+    out = tmp_path / "out"
+    report = run_job(photos, out, RunOptions(vram="12GB", device="cpu"), probe=gpu24, pipeline=FAKE, table=fake_table)
+    assert report.ok, report.message
+    job = JobDir(out / "job")
+    m = {s: job.read_manifest(s) for s in ("prep", "views", "rgb", "mesh")}
+    windows = {s: m[s]["extras"]["run_window"] for s in m}
+    spawned = {s: m[s]["process_started_at"] for s in m}
+    # while prep ran, views AND rgb were already started (two ahead); mesh did not fit, it came at views' go
+    assert spawned["views"] < windows["prep"][1] and spawned["rgb"] < windows["prep"][1]
+    assert spawned["mesh"] > windows["prep"][1]
+    # and each stage ran (held the "GPU") only after the one before it had finished
+    order = ["prep", "views", "rgb", "mesh"]
+    for a, b in zip(order, order[1:], strict=False):
+        assert windows[b][0] >= windows[a][1], (a, b, windows)
+    startup = json.loads((out / "run.json").read_text())["startup"]
+    assert set(startup) == set(order)
+    assert startup["rgb"]["hidden_s"] > 0 and all(s["not_hidden_s"] >= 0 for s in startup.values())
+    assert startup["prep"]["not_hidden_s"] >= startup["prep"]["setup_after_go_s"]
