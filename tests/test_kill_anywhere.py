@@ -56,7 +56,8 @@ ORPHAN_S = 5.0  # children must be gone within this after the orchestrator's dea
 
 def _env(cache: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("UP2YOU_FAULTS", "UP2YOU_FAULT_MARKER")}
-    return {**env, "PYTHONPATH": str(ROOT), "UP2YOU_CACHE_DIR": str(cache), **extra}
+    # one thread per process: the reference and the chain run alike, and a loaded CI does not oversubscribe
+    return {**env, "PYTHONPATH": str(ROOT), "UP2YOU_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", **extra}
 
 
 def _cli_args(photos: Path, out: Path) -> list[str]:
