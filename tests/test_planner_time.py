@@ -80,11 +80,11 @@ def test_pixels_then_views_go_only_when_no_step_count_is_fast_enough(table) -> N
 
 
 def test_memory_and_time_reasons_are_told_apart(table) -> None:
-    choice = _choose(table, 6, 100)  # 6 GiB allows 12 views (mesh); 100 s allows only 6
+    choice = _choose(table, 6, 100)  # 6 GiB allows 20 views at 512 px (rgb; mesh in chunks); 100 s allows only 6
     assert choice.plan.views == 6
     d = choice.degradations
-    assert any(x.startswith("views 20 -> 12") and "GiB" in x for x in d)
-    assert any(x.startswith("views 12 -> 6") and "time budget of 100 s" in x for x in d)
+    assert any(x.startswith("resolution 768 -> 512") and "GiB" in x for x in d)
+    assert any(x.startswith("views 20 -> 6") and "time budget of 100 s" in x for x in d)
 
 
 def test_nothing_fast_enough_names_the_fastest_plan(table) -> None:
