@@ -105,7 +105,7 @@ def in_hf_cache(key: str, cache: Path | None = None) -> Path | None:
 
 def resolve(given: Path | None, keys: Iterable[str] | None = None, use_caches: bool = True) -> Resolution:
     """Find every named checkpoint (all of them by default); see the module docstring for the order."""
-    keys = list(keys or CHECKPOINTS)
+    keys = list(CHECKPOINTS) if keys is None else list(keys)
     folders = folder_candidates(given)
     hf, th = Location(HF_CACHE, hf_cache_dir()), Location(TORCH_HUB, torch_hub_checkpoints())
     res = Resolution(folders[0].path, folders[0].path, looked_in=folders + ([hf, th] if use_caches else []))
