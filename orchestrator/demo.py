@@ -40,6 +40,7 @@ def best_device() -> str:
 def run_demo(out: Path, device: str, console: Console) -> RunReport:
     """Photos into out/photos, the run's outputs into out/."""
     device = best_device() if device == "auto" else device
+    out = Path(out).resolve()  # the paths it prints are where the outputs really are, from anywhere
     photos = write_photos(out / "photos", n=DEMO_PHOTOS)
     console.print(f"demo: {DEMO_PHOTOS} synthetic photos in {photos}, device {device}")
     return run_job(photos, out, RunOptions(tiny=True, device=device, steps=DEMO_STEPS), console=console)
