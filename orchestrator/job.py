@@ -221,7 +221,7 @@ def plan_job(
     except InputError as exc:
         raise JobError(str(exc), exc.exit_code) from None
     table = table or load_table(options.table, pipeline.name)
-    probe = probe or default_probe(options.device)
+    probe = probe or _default_probe(options.device)
     try:
         ledger = Ledger(probe=probe) if probe is not None else None
         gpu = _pick_gpu(options, probe, ledger)
@@ -268,7 +268,7 @@ def run_job(
     t0 = time.monotonic()
     console = console or Console(stderr=True, quiet=options.quiet)
     printer = ProgressPrinter(console, options.quiet)
-    probe = probe or default_probe(options.device)
+    probe = probe or _default_probe(options.device)
     jp = plan_job(input_dir, options, probe, pipeline, table, on_event=printer)
     inputs, budget, choice = jp.inputs, jp.budget, jp.choice
     out = Path(out_dir) if out_dir else default_out_dir(Path(input_dir))
@@ -356,6 +356,14 @@ def _wanted_budget(
     best = candidates(base, constraints)[0]
     return min(max(f.need_bytes for f in evaluate(c.plan, pipeline, table, n_refs, 0, corrections.factors()))
                for c in same_quality(best.plan, base, constraints))  # fmt: skip
+
+
+def _default_probe(device: str) -> Probe | None:
+    """NVML (or the simulated file); no NVML, no driver: the one-line no-GPU error, not a traceback."""
+    try:
+        return default_probe(device)
+    except ProbeError as exc:
+        raise JobError(str(exc), EXIT_NO_DEVICE) from None
 
 
 def input_notes(inputs: InputSet) -> list[str]:

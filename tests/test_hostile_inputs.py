@@ -167,7 +167,7 @@ def _option(*args: str, device: str = "cpu", gpus: int | None = None) -> Setup:
         d = write_photos(tmp / "photos", n=2)
         if gpus is not None:
             probe = SimulatedProbe(*[SimulatedGpu(24 * GiB, name="Simulated 24G") for _ in range(gpus)])
-            mp.setattr("orchestrator.job.NvmlProbe", lambda: probe)
+            mp.setattr("orchestrator.probe.NvmlProbe", lambda: probe)
         return [str(d), *args, "--device", device, *(["--tiny"] if device == "cpu" else [])], {"d": str(d)}
     return setup
 
@@ -215,9 +215,9 @@ def _empty(d: Path) -> None:
     d.mkdir()
 
 
-def _no_images(d: Path) -> None:
-    write_photos(d / "sub", n=1)  # photos one level down are not read
-    (d / ".DS_Store").write_bytes(b"x")
+def _only_hidden(d: Path) -> None:
+    d.mkdir()
+    (d / ".DS_Store").write_bytes(b"x")  # hidden files are not photos (a folder of sub-folders is a fleet)
 
 
 def _only_non_images(d: Path) -> None:
@@ -308,8 +308,7 @@ CO2Y = "huggingface.co/Co2y/UP2You"
 REFUSALS: list[tuple[str, Setup, int, str]] = [
     # the input folder
     ("empty-folder", _folder(_empty), 2, "input folder {d} is empty: add photos of one person (JPEG or PNG)"),
-    ("no-images", _folder(_no_images), 2,
-     "input folder {d} has no images (found sub/): add JPEG or PNG photos (jpg/jpeg/png/webp/bmp/tif/tiff/gif)"),
+    ("only-hidden-files", _folder(_only_hidden), 2, "input folder {d} is empty: add photos of one person (JPEG or PNG)"),
     ("only-non-images", _folder(_only_non_images), 2,
      "input folder {d} has no images (found data.csv, notes.txt): add JPEG or PNG photos "
      "(jpg/jpeg/png/webp/bmp/tif/tiff/gif)"),
@@ -372,8 +371,9 @@ REFUSALS: list[tuple[str, Setup, int, str]] = [
      "rerun: finished stages are kept"),
     # weights and device
     ("missing-weight-file", _weights_case(_remove_adapter), 66,
-     "weight file {f} is missing: get it from " + CO2Y + " (or pass --weights DIR; --tiny runs a smoke test "
-     "without weights)"),
+     "1 weight file(s) missing, first {f} (looked in --weights ({w}), ./weights ({cwd}/weights), Hugging Face cache "
+     "({hf}), torch.hub cache ({hub})); get them with `up2you-budget weights fetch --accept-smplx-license`, or run "
+     "with --tiny for a smoke test"),
     ("truncated-safetensors", _weights_case(_truncate_adapter), 66,
      "weight file {f} is truncated (1500 of 4072 bytes): refused; get it again from " + CO2Y),
     ("pickle-payload-pt", _weights_case(_payload_predictor), 66,
@@ -402,7 +402,8 @@ def test_refused_with_one_line(setup: Setup, code: int, expected: str, tmp_path:
         before = _previous_run(out)
         argv += ["--out", str(out)]
     code_got, text = _run(capsys, argv)
-    assert (code_got, _error_line(text)) == (code, "error: " + expected.format(out=out, **names))
+    where = {"out": out, "cwd": os.getcwd(), "hf": tmp_path / "hf-cache", "hub": tmp_path / "torch-home/hub/checkpoints"}
+    assert (code_got, _error_line(text)) == (code, "error: " + expected.format(**where, **names))
     assert (_snapshot(out) if out.is_dir() else {"": out.read_text()}) == before
     if "w" in names:
         assert not (Path(names["w"]) / "PWNED").exists()  # the payload never ran
