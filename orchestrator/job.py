@@ -317,7 +317,7 @@ def _run_locked(
                      job_id=options.job_id or str(out.resolve()),
                      vram_cap=None if options.vram == "auto" else parse_size(options.vram),
                      wait_for_siblings_s=options.wait_for_siblings_s)  # fmt: skip
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         result = run_pipeline(ctx, choice)
     report.pipeline_result = result
     report.ok, report.exit_code, report.message = result.ok, result.exit_code, result.message
@@ -484,7 +484,7 @@ def ensure_tiny_weights(weights: Path, console: Console) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM stops the job like Ctrl-C does (children are interrupted, then killed)."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -14,11 +14,7 @@ then it fails with the reason. One subject's failure never stops the rest.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +32,7 @@ from orchestrator.fleet.progress import FleetView
 from orchestrator.fleet.subjects import Subject
 from orchestrator.fleet.summary import SubjectRecord, plot_fleet_timeline, read_run, write_summary
 from orchestrator.inputs import EXIT_USAGE, InputError
-from orchestrator.job import JobError, RunOptions, ensure_tiny_weights, plan_job
+from orchestrator.job import JobError, RunOptions, ensure_tiny_weights, plan_job, sigterm_as_interrupt
 from orchestrator.probe import Probe, ProbeError, default_probe
 from orchestrator.runner import AUTO_RESERVE
 from orchestrator.sizes import gib, parse_size
@@ -79,22 +75,6 @@ def parse_gpus(text: str) -> tuple[int, ...] | None:
     if not out or any(i < 0 for i in out) or len(set(out)) != len(out):
         raise ValueError(f"--gpus {text!r}: expected all or distinct NVML indices like 0,1")
     return out
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def fleet_probe(options: RunOptions, probe: Probe | None) -> Probe | None:
@@ -140,7 +120,7 @@ class Fleet:
             ensure_tiny_weights(cache_dir() / "tiny-weights", self.console)
         interrupted = False
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 if self.fleet.backend == "ray":
                     from orchestrator.fleet.ray_backend import run_on_ray
 
