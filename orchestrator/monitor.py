@@ -7,10 +7,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-import psutil
-
 from orchestrator.probe import Probe
-from orchestrator.process import StageProcess
+from orchestrator.process import StageProcess, process_rss
 
 
 @dataclass(frozen=True)
@@ -52,12 +50,7 @@ class MemorySampler:
         pids = self.proc.pids()
         if not pids:
             return
-        rss = 0
-        for pid in pids:
-            try:
-                rss += psutil.Process(pid).memory_info().rss
-            except psutil.Error:
-                pass
+        rss = process_rss(pids)
         gpu = None
         if self.probe is not None and self.gpu_index is not None:
             try:

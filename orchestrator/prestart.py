@@ -92,15 +92,6 @@ def pending_growth(rss_and_footprints: Iterable[tuple[int, int]]) -> int:
     return sum(max(0, footprint - rss) for rss, footprint in rss_and_footprints)
 
 
-def process_rss(pids: Sequence[int]) -> int:
-    """Resident bytes of a process and its children (0 once gone)."""
-    total = 0
-    for pid in pids:
-        try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 def startup_report(attempts: Sequence[Any], manifests: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from stages import lifeline
@@ -139,3 +140,16 @@ class StageProcess:
             return 0.0
         end = min(self.ready_at, previous_exit) if previous_exit is not None else self.spawned_at
         return max(0.0, end - self.spawned_at)
+
+
+def process_rss(pids: Sequence[int]) -> int:
+    """Resident bytes of a process and its children (0 once gone)."""
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            pass
+    return total

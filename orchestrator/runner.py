@@ -38,7 +38,7 @@ from orchestrator.planner import (
     same_quality,
 )
 from orchestrator.probe import GpuInfo, Probe
-from orchestrator.process import StageProcess
+from orchestrator.process import StageProcess, process_rss
 from orchestrator.sizes import gib
 from stages.jobfs import JobDir
 from stages.plan import Plan
@@ -286,7 +286,7 @@ class Runner:
         upcoming = [s.name for s in self.ctx.pipeline.stages[self.ctx.pipeline.names.index(nxt.name):]
                     if not self.ctx.job.is_done(s.name, keys[s.name])]  # fmt: skip
         foot = self._footprints()
-        growth = prestart.pending_growth((prestart.process_rss(p.pids()), foot[p.spec.name])
+        growth = prestart.pending_growth((process_rss(p.pids()), foot[p.spec.name])
                                          for p in (running, *self.prestarted.values()))  # fmt: skip
         waiting = sum(n in self.prestarted for n in upcoming)
         picked = prestart.pick_prestarts([(n, foot[n]) for n in upcoming if n not in self.prestarted],
