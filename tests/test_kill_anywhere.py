@@ -15,9 +15,12 @@ bytes and inode: a rewrite would be a new file, as writes are renames), the orph
 orchestrator are gone, and the final run's `run.json` shows every earlier stage `skipped`. One
 uninterrupted reference run (same seed) gives the bytes to compare with.
 
-All outputs compare byte for byte, the mp4 files included: with the global RNGs seeded per stage
-and a fixed encoder, nothing in them varies. (Should an encoder or container ever write a
-timestamp, compare the decoded frames instead: `_same_video`.)
+All outputs compare byte for byte, the mp4 files included (with the global RNGs seeded per stage
+and a fixed encoder nothing in them varies; should a container ever write a timestamp, compare the
+decoded frames instead: `_same_video`) — except the mesh's. The remeshing fit sums floats in
+multithreaded CPU kernels whose order depends on thread timing, so two processes on the same inputs
+and seed give vertices that differ in the last bits (seen: 4e-7 in position, 5e-6 in colour, the same
+faces). The mesh files are compared decoded: the same faces, vertices and colours within 1e-4.
 """
 
 from __future__ import annotations
@@ -139,11 +142,51 @@ def _same_video(a: Path, b: Path) -> bool:
     return bool(np.array_equal(iio.imread(a), iio.imread(b)))
 
 
+MESH_FILES = (".obj", ".glb")
+MESH_TOLERANCE = 1e-4  # last-bit differences of multithreaded float sums (module docstring)
+
+
+def _mesh_arrays(path: Path) -> dict[str, object]:
+    import numpy as np
+
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(path)))
+    import trimesh
+
+    m = trimesh.load(path, force="mesh", process=False)
+    colors = getattr(m.visual, "vertex_colors", None)
+    return {"verts": np.asarray(m.vertices), "faces": np.asarray(m.faces),
+            "colors": np.asarray(colors, np.float64) / 255.0 if colors is not None else np.zeros(0)}  # fmt: skip
+
+
+def _same_mesh(a: Path, b: Path) -> bool:
+    import numpy as np
+
+    x, y = _mesh_arrays(a), _mesh_arrays(b)
+    if x.keys() != y.keys():
+        return False
+    for k in x:
+        u, v = np.asarray(x[k]), np.asarray(y[k])
+        if u.shape != v.shape:
+            return False
+        exact = np.issubdtype(u.dtype, np.integer)
+        if not (np.array_equal(u, v) if exact else np.allclose(u, v, rtol=0, atol=MESH_TOLERANCE)):
+            return False
+    return True
+
+
+def _is_mesh(name: str) -> bool:
+    return name.endswith(MESH_FILES) or name == "job/mesh/outputs.safetensors"
+
+
 def _assert_same_outputs(out: Path, ref: Path) -> None:
     names = _compared_files(ref)
     assert names and names == _compared_files(out)
-    differ = [n for n in names if (out / n).read_bytes() != (ref / n).read_bytes()]
-    assert not differ, f"not byte-identical to the uninterrupted run: {differ}"
+    differ = [n for n in names if (out / n).read_bytes() != (ref / n).read_bytes()
+              and not (_is_mesh(n) and _same_mesh(out / n, ref / n))]  # fmt: skip
+    assert not differ, f"not the same as the uninterrupted run: {differ}"
 
 
 @pytest.mark.slow

@@ -11,13 +11,13 @@ class PoissonUnavailable(ImportError):
     """pymeshlab is not installed: the caller may keep the un-Poissoned mesh and say so."""
 
 
-def poisson(verts: np.ndarray, normals: np.ndarray, depth: int = 10, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def poisson(verts: np.ndarray, normals: np.ndarray, depth: int = 10, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Watertight surface through oriented points (vertices + unit normals); largest component only.
 
-    `threads` 0 means every core. Returns float32 vertices and int64 faces.
+    One thread by default: the multithreaded solver's sums depend on thread timing, so two runs on the
+    same points gave different vertices (a resumed run must give the same bytes as an uninterrupted
+    one). Returns float32 vertices and int64 faces.
     """
-    import os
-
     try:
         import pymeshlab
     except ImportError as exc:
@@ -27,7 +27,7 @@ def poisson(verts: np.ndarray, normals: np.ndarray, depth: int = 10, threads: in
     ms.add_mesh(pymeshlab.Mesh(vertex_matrix=np.asarray(verts, np.float64),
                                v_normals_matrix=np.asarray(normals, np.float64)))
     ms.generate_surface_reconstruction_screened_poisson(depth=depth, preclean=True,
-                                                        threads=threads or (os.cpu_count() or 1))
+                                                        threads=max(1, threads))
     m = ms.current_mesh()
     v = m.vertex_matrix().astype(np.float32)
     f = m.face_matrix().astype(np.int64)
