@@ -87,3 +87,23 @@ def test_the_real_loaders_read_every_file_strictly(files: Path) -> None:
     hands, lmk = hand_assets(ckpt, "real")
     assert hands.size > 0 and lmk.shape == (10475,)
 
+
+
+def test_a_run_plans_on_stand_in_files_without_checking_release_hashes(files: Path, tmp_path: Path) -> None:
+    """The random files can never hash like the release: preflight accepts the folder by its marker and says
+    so in run.json's weights record; without the marker the same files are refused with the hash problem."""
+    from orchestrator.job import JobError, RunOptions, _preflight, plan_job
+    from stages.spec import UP2YOU
+    from tests.conftest import write_photos
+
+    photos = write_photos(tmp_path / "photos", 2)
+    options = RunOptions(device="cpu", weights=files, views=6, resolution=512, steps=2)
+    choice = plan_job(photos, options).choice
+    record = _preflight(UP2YOU, choice, options, tmp_path / "out")
+    assert "not checked" in record["stand_ins"] and record["root"] == str(files)
+    (files / MARKER).rename(files / "marker.bak")
+    try:
+        with pytest.raises(JobError, match="expected"):
+            _preflight(UP2YOU, choice, options, tmp_path / "out2")
+    finally:
+        (files / "marker.bak").rename(files / MARKER)

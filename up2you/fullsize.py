@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MARKER = ".full-files"
+from up2you.checkpoints import STAND_IN_MARKER as MARKER
+
 WRITER_VERSION = 1
 DIVISORS = (1, 2, 4, 8, 16)  # widths stay divisible by SD's 32 norm groups / d and its 64-wide heads / d
 
