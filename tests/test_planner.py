@@ -123,7 +123,7 @@ def test_6gb_keeps_20_views_by_rendering_the_mesh_views_in_chunks(table) -> None
     assert f"mesh views in chunks of {p.mesh_view_chunk}" in choice.candidate.label
 
 
-@pytest.mark.parametrize("budget", [80, 12, 8])
+@pytest.mark.parametrize("budget", [80, 12])  # at 8 GiB all 20 views measured 7.54 GiB on the H200: chunks
 def test_mesh_views_stay_in_one_batch_when_they_fit(table, budget: int) -> None:
     p = _choose(table, budget).plan
     assert p.mesh_view_chunk == 0 and p.views == 20
@@ -131,12 +131,12 @@ def test_mesh_views_stay_in_one_batch_when_they_fit(table, budget: int) -> None:
 
 
 def test_a_learned_mesh_correction_shrinks_the_chunk_not_the_plan(table) -> None:
-    base = _choose(table, 8).plan
-    p = _choose(table, 8, factors={"mesh": 1.4}).plan
+    base = _choose(table, 12).plan
+    p = _choose(table, 12, factors={"mesh": 1.7}).plan
     assert 0 < p.mesh_view_chunk < 20
     assert p.replace(mesh_view_chunk=0) == base  # views, pixels and the diffusion knobs are untouched
-    pred = predict("mesh", p, 6, table).scaled(1.4)
-    assert pred.total_bytes + table.margin(pred.allocator_bytes) <= 8 * GiB
+    pred = predict("mesh", p, 6, table).scaled(1.7)
+    assert pred.total_bytes + table.margin(pred.allocator_bytes) <= 12 * GiB
 
 
 def test_mesh_view_chunks_go_from_all_views_to_one() -> None:
