@@ -99,6 +99,25 @@ def test_tiny_files_load_with_inferred_sizes(tiny: Path) -> None:
     assert torch.equal(agg.state_dict()["pose_patch_embed.stem.1.running_var"], sd["pose_patch_embed.stem.1.running_var"])
 
 
+@pytest.mark.parametrize("which,loader", [
+    ("dinov2/dinov2_vitl14_pretrain.pth", load_dinov2),
+    ("pretrained_models/shape_predictor.pt", load_shape_predictor),
+    ("pretrained_models/feature_aggregator.pt", load_feature_aggregator),
+])
+def test_files_become_the_parameters_without_an_initialisation(tiny: Path, tmp_path: Path, which: str, loader) -> None:
+    """Built on meta and assigned: every value is the file's, none is left on meta, and a half-precision
+    file still gives the float32 model the loader always gave (cast, as a copying load would)."""
+    sd = read_state_dict(tiny / which)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    torch.save(half, tmp_path / Path(which).name)
+    for model, want in ((loader(tiny / which), sd), (loader(tmp_path / Path(which).name), half)):
+        got = model.state_dict()
+        assert all(t.device.type == "cpu" for t in got.values())
+        assert all(got[k].dtype == (torch.float32 if v.is_floating_point() else v.dtype) for k, v in want.items())
+        assert all(torch.equal(got[k].to(v.dtype), v) for k, v in want.items())
+        assert not model.training
+
+
 @pytest.mark.parametrize("edit", ["rename", "drop", "extra"])
 @pytest.mark.parametrize("which,loader", [
     ("dinov2/dinov2_vitl14_pretrain.pth", load_dinov2),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from up2you.encoders.vit import SelfAttnBlock, count_blocks
-from up2you.state_dict import CheckpointMismatchError, read_state_dict, strict_load
+from up2you.state_dict import CheckpointMismatchError, build_and_load, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,8 +117,8 @@ def dinov2_from_state_dict(sd: Mapping[str, torch.Tensor], source: str = "dinov2
         mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
     except KeyError as exc:
         raise CheckpointMismatchError(f"{source}: not a DINOv2 state dict (no {exc.args[0]})") from exc
-    model = DinoV2(embed_dim, count_blocks(set(sd), "blocks."), patch, grid * patch, mlp_ratio)
-    return strict_load(model, sd, source)
+    depth = count_blocks(set(sd), "blocks.")
+    return build_and_load(lambda: DinoV2(embed_dim, depth, patch, grid * patch, mlp_ratio), sd, source)
 
 
 def load_dinov2(path: Path | str) -> DinoV2:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from up2you.encoders.vit import CrossAttnBlock, SelfAttnBlock, count_blocks
-from up2you.state_dict import CheckpointMismatchError, read_state_dict, strict_load
+from up2you.state_dict import CheckpointMismatchError, build_and_load, read_state_dict
 
 NUM_HEADS = 16
 POSE_SIZE = 512  # pose renders are resized to this before the PoseEncoder (32x32 tokens at stride 16)
@@ -148,7 +148,7 @@ def feature_aggregator_from_state_dict(sd: Mapping[str, torch.Tensor],
         raise CheckpointMismatchError(f"{source}: not a feature-aggregator state dict (no {exc.args[0]})") from exc
     order = tuple("cross" if f"blocks.{i}.attn.q_proj.weight" in sd else "self"
                   for i in range(count_blocks(set(sd), "blocks.")))
-    return strict_load(FeatureAggregator(dim, order, widths, mlp_ratio), sd, source)
+    return build_and_load(lambda: FeatureAggregator(dim, order, widths, mlp_ratio), sd, source)
 
 
 def load_feature_aggregator(path: Path | str) -> FeatureAggregator:

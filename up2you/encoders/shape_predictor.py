@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from up2you.encoders.vit import CrossAttnBlock, Mlp, SelfAttnBlock, count_blocks
-from up2you.state_dict import CheckpointMismatchError, read_state_dict, strict_load
+from up2you.state_dict import CheckpointMismatchError, build_and_load, read_state_dict
 
 NUM_HEADS = 16
 NUM_BETAS = 10
@@ -82,8 +82,8 @@ def shape_predictor_from_state_dict(sd: Mapping[str, torch.Tensor], source: str 
     except KeyError as exc:
         raise CheckpointMismatchError(f"{source}: not a shape-predictor state dict (no {exc.args[0]})") from exc
     keys = set(sd)
-    model = ShapePredictor(dim, count_blocks(keys, "blocks."), count_blocks(keys, "shape_head.trunk."), mlp_ratio)
-    return strict_load(model, sd, source)
+    blocks, trunk = count_blocks(keys, "blocks."), count_blocks(keys, "shape_head.trunk.")
+    return build_and_load(lambda: ShapePredictor(dim, blocks, trunk, mlp_ratio), sd, source)
 
 
 def load_shape_predictor(path: Path | str) -> ShapePredictor:
