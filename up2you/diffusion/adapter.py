@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from up2you.diffusion.processors import MVRefAttnProcessor
-from up2you.state_dict import read_state_dict, strict_load
+from up2you.meta_init import is_meta
+from up2you.state_dict import assign_load, read_state_dict, strict_load
 
 N_PROCESSOR_KEYS = 160
 N_ADAPTER_KEYS = 38
@@ -50,8 +51,9 @@ class AdapterBundle(nn.Module):
         self.add_module("adapter", pose_adapter.adapter)
 
     def load_file(self, path: Path | str) -> None:
-        """Strictly load a released adapter file (raises CheckpointMismatchError naming bad keys)."""
-        strict_load(self, read_state_dict(path), str(path))
+        """Strictly load a released adapter file (raises CheckpointMismatchError naming bad keys); built on
+        `meta`, the file's tensors become the parameters (shared with the UNet's processors and the adapter)."""
+        (assign_load if is_meta(self) else strict_load)(self, read_state_dict(path), str(path))
 
     def save_file(self, path: Path | str) -> None:
         from safetensors.torch import save_file

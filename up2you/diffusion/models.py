@@ -93,7 +93,8 @@ def load_sd21(folder: Path | str, adapter_file: Path | str) -> DiffusionModels:
         touch_pages(module.parameters())
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **local)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    models = _attach_adapters(unet, vae, text_encoder, tokenizer, scheduler_config)
+    with meta_parameters():  # the adapters' parameters come from the file: no default initialisation
+        models = _attach_adapters(unet, vae, text_encoder, tokenizer, scheduler_config)
     models.bundle.load_file(adapter_file)
     return models
 

@@ -145,7 +145,8 @@ def install_processors(unet: nn.Module, context: AttentionContext) -> dict[str, 
         if isinstance(module, Attention) and name.endswith(ATTN1_SUFFIX):
             dim = module.to_q.in_features
             proc = MVRefAttnProcessor(dim, name, context)
-            proc.to(device=module.to_q.weight.device, dtype=module.to_q.weight.dtype)
+            if not any(p.is_meta for p in proc.parameters()):  # on meta, the load gives them their values
+                proc.to(device=module.to_q.weight.device, dtype=module.to_q.weight.dtype)
             module.set_processor(proc)
             procs[name] = proc
     return procs
