@@ -153,6 +153,7 @@ class RunReport:
             if a.outcome != "skipped":
                 measured[a.stage] = {"predicted_bytes": a.predicted_bytes, "measured_gpu_bytes": a.measured_gpu_bytes,
                                      "measured_rss_bytes": a.measured_rss_bytes, "outcome": a.outcome,
+                                     "on_cpu": bool(a.cpu_fallback),
                                      **self._seconds(a.stage, a.wall_s, final)}  # fmt: skip
         return {
             "ok": self.ok, "exit_code": self.exit_code, "message": self.message,

@@ -360,6 +360,11 @@ class Runner:
             return None
         return self._degrade(spec)
 
+    def _may_fall_back(self, exc: NoPlanFits | None = None) -> bool:
+        """--cpu-fallback auto, on a job that plans for a GPU (a CPU run is there already), for lack of memory
+        (not of time: a plan that fits the memory but not --time-budget is no reason for the slower CPU)."""
+        return self.ctx.cpu_fallback and self.ctx.gpu is not None and not isinstance(exc, TimeBudgetTooShort)
+
     def _on_cpu(self, spec: StageSpec) -> bool:
         return self.cpu_stage is not None and self.cpu_stage[0] == spec.name
 
@@ -383,7 +388,7 @@ class Runner:
         bound = "--wait-for-siblings" if self.admitter.last_kind == "siblings" else "--wait-for-vram"
         where = f"{gib(room)} free and unreserved on GPU {view.gpu.index} after waiting {waited:.0f} s"
         if self.admission_degrades > 2 * len(ctx.pipeline.stages):  # memory keeps vanishing as we re-plan
-            if ctx.cpu_fallback:
+            if self._may_fall_back():
                 self._fall_back_to_cpu(spec, f"{spec.name}: GPU memory vanished each of the "
                                              f"{self.admission_degrades - 1} times it was planned for ({where}): "
                                              f"running {spec.name} on the CPU (slow; nothing recomputed)")  # fmt: skip
@@ -395,7 +400,7 @@ class Runner:
             choice = choose_plan(ctx.pipeline, ctx.table, ctx.n_refs, room, ctx.base, ctx.constraints,
                                  ctx.corrections.factors())  # fmt: skip
         except NoPlanFits as exc:
-            if ctx.cpu_fallback and not isinstance(exc, TimeBudgetTooShort):
+            if self._may_fall_back(exc):
                 self._fall_back_to_cpu(spec, f"{spec.name}: {where}; the smallest plan needs "
                                              f"{gib(exc.minimum_bytes)}: running {spec.name} on the CPU "
                                              f"(slow; nothing recomputed)")  # fmt: skip
@@ -485,7 +490,7 @@ class Runner:
             choice = choose_plan(self.ctx.pipeline, self.ctx.table, self.ctx.n_refs, self.budget, self.ctx.base,
                                  self.ctx.constraints, self.ctx.corrections.factors())  # fmt: skip
         except NoPlanFits as exc:
-            if not self.ctx.cpu_fallback or isinstance(exc, TimeBudgetTooShort):
+            if not self._may_fall_back(exc):
                 raise StageFailed(EXIT_OOM, f"stage {spec.name} ran out of memory and no plan fits any more: "
                                             f"{exc}") from None  # fmt: skip
             # this stage on the CPU; the next stage is admitted against the budget as it was (the neighbour may go)

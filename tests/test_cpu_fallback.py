@@ -96,6 +96,7 @@ def test_no_plan_fits_what_a_neighbour_left_so_that_stage_runs_on_the_cpu_and_th
     assert [c["stage"] for c in record["cpu_stages"]] == ["rgb"] and record["cpu_stages"][0]["outcome"] == "ok"
     assert "rgb ran on the CPU" in record["message"]
     assert [a["cpu_fallback"] != "" for a in record["attempts"]] == [False, False, True, False]
+    assert [s for s, row in record["predicted_vs_measured"].items() if row["on_cpu"]] == ["rgb"]
 
 
 def test_an_oom_after_which_the_memory_stays_gone_reruns_that_stage_on_the_cpu(photos, tmp_path, fake_table,
