@@ -175,3 +175,12 @@ def test_fleet_jobs_get_never_and_auto_is_the_default(tmp_path: Path) -> None:
     assert "--cpu-fallback" not in job_args(RunOptions())  # the default: earlier runs' fingerprints still match
     args = job_args(RunOptions(cpu_fallback=False))
     assert args[args.index("--cpu-fallback") + 1] == "never"
+
+
+def test_the_option_takes_auto_or_never_and_refuses_anything_else_in_one_line(capsys, photos: Path) -> None:
+    import cli
+
+    assert cli.main(["--cpu-fallback", "sometimes", str(photos), "--device", "cpu", "--plan"]) == 2
+    text = capsys.readouterr().err
+    assert "--cpu-fallback" in text and "expected auto or never" in text and "Traceback" not in text
+    assert cli.main(["--cpu-fallback", "never", str(photos), "--device", "cpu", "--tiny", "--plan"]) == 0
