@@ -119,6 +119,9 @@ def run_command(
                                           "jobs on this host hold (they give it back), before lowering the plan."),
     prefer: str = typer.Option("quality", help="quality: never lose views/pixels while a memory knob fits; speed: "
                                "rather lose quality than offload."),
+    cpu_fallback: str = typer.Option("auto", help="auto: a stage that no GPU plan fits once --wait-for-vram is up "
+                                     "(a neighbour left too little) runs on the CPU, slowly, nothing recomputed; "
+                                     "never: exit 75 instead."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     device: str = typer.Option("cuda", help="cuda, or cpu (tiny test models only)."),
     tiny: bool = typer.Option(False, help="Smoke test: tiny random weights (the output is noise)."),
@@ -138,6 +141,8 @@ def run_command(
         raise typer.BadParameter(f"{prefer!r}: expected quality or speed", param_hint="--prefer")
     if device not in ("cuda", "cpu"):
         raise typer.BadParameter(f"{device!r}: expected cuda or cpu", param_hint="--device")
+    if cpu_fallback not in ("auto", "never"):
+        raise typer.BadParameter(f"{cpu_fallback!r}: expected auto or never", param_hint="--cpu-fallback")
     options = RunOptions(
         vram=vram, gpu=gpu, views=_auto_int(VIEW_CHOICES, "--views")(views),
         resolution=_auto_int(RESOLUTION_CHOICES, "--resolution")(resolution),
@@ -145,7 +150,7 @@ def run_command(
         wait_for_vram_s=float(wait_for_vram), wait_for_siblings_s=float(wait_for_siblings), prefer=prefer, device=device,
         tiny=tiny, plan_only=plan, quiet=json_out,
         full_random=full_random, overrides=_overrides(set_fields),
-        time_budget_s=_time_budget(time_budget),
+        time_budget_s=_time_budget(time_budget), cpu_fallback=cpu_fallback == "auto",
     )  # fmt: skip
     fleet = _fleet_options(gpus, jobs_per_gpu, backend, address)
     subjects = _subjects(input_dir, out)
@@ -169,7 +174,9 @@ def run_command(
     if json_out:
         print(json.dumps(report.to_dict(), indent=1, default=str))
     elif report.ok:
-        err.print(f"[green]done in {report.wall_s:.0f} s[/green] -> {report.out_dir}")
+        cpu = report.pipeline_result.cpu_stages if report.pipeline_result else []
+        on_cpu = f" ({', '.join(cpu)} ran on the CPU: no GPU plan fit the free memory; see run.json)" if cpu else ""
+        err.print(f"[green]done in {report.wall_s:.0f} s[/green] -> {report.out_dir}{on_cpu}")
         for d in report.deliverables:
             err.print(f"  {report.out_dir / d}")
         if report.smoke_test:

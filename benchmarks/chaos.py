@@ -25,10 +25,18 @@ Design (and why):
   that moment, the re-plans (`run.json`), time lost against the same GPU's baseline, finished or
   not, whether any finished stage was recomputed (a stage with two successful attempts), and the
   run's own NVML peak against its cap (cap + CUDA context, per attempt: the cap is lowered by a
-  re-plan).
+  re-plan), and the stages that ran on the CPU (`cpu_stages` in run.json).
+- **The CPU is the last rung.** A neighbour may leave less than the smallest plan needs (even less than a
+  CUDA context), and hold it to the end: no GPU plan can finish there. After `--wait-for-vram` the job
+  runs that stage on the CPU (`--cpu-fallback auto`, the default: the same plan and key, so nothing is
+  recomputed, only slower) and asks the GPU again for the next stage. "Finished" stays the criterion;
+  the table counts the stages that took the CPU (`--cpu-fallback never` measures the old exit 75).
 Writes $OUT/chaos.json (provenance, schedule, per-run rows, summary) and prints the table.
-In --tiny --device cpu mode no memory is grabbed (there is no GPU); instead the stage the grab would
-hit gets an injected OOM (UP2YOU_FAULTS), so the schedule, the re-plan path and the table are exercised.
+In --tiny --device cpu mode there is no GPU: the job runs on a simulated `--card-gib` card
+($UP2YOU_SIMULATED_GPUS, its own ledger), the neighbour is a process listed in that card's file, holding the
+drawn fraction of its free memory, and the stage it hits (when that stage's request appears) runs 1 s and
+then gets an injected OOM (UP2YOU_FAULTS), so the schedule, admission, the re-plan path, the CPU fallback
+and the table are exercised.
 """
 
 from __future__ import annotations
@@ -126,6 +134,11 @@ def recomputed(attempts: list[dict[str, Any]]) -> list[str]:
     return sorted({s for s in oks if oks.count(s) > 1})
 
 
+def cpu_stages(report: dict[str, Any]) -> list[str]:
+    """The stages that finished on the CPU because no GPU plan fit what the neighbour left (run.json)."""
+    return [c["stage"] for c in report.get("cpu_stages", []) if c.get("outcome") == "ok"]
+
+
 def peak_vs_cap(attempts: list[dict[str, Any]], context_bytes: int) -> tuple[int, int, bool]:
     """The run's highest NVML peak, the cap it ran under then, and whether every attempt stayed under its cap."""
     rows = [(a.get("measured_gpu_bytes") or 0, (a.get("cap_bytes") or 0) + context_bytes) for a in attempts
@@ -153,7 +166,7 @@ def summarise(grab: Grab, report: dict[str, Any], wall: float, baseline_wall: fl
                                                           for p in report.get("replans", [])],
         "plan_final": report.get("plan_label"), "ok": bool(report.get("ok")), "exit_code": report.get("exit_code"),
         "message": report.get("message"), "wall_s": round(wall, 2), "time_lost_s": round(wall - baseline_wall, 2),
-        "recomputed": recomputed(attempts), "peak_nvml_bytes": peak, "cap_bytes": cap, "peak_within_cap": under,
+        "recomputed": recomputed(attempts), "cpu_stages": cpu_stages(report), "peak_nvml_bytes": peak, "cap_bytes": cap, "peak_within_cap": under,
     }  # fmt: skip
 
 
@@ -161,7 +174,7 @@ def summarise(grab: Grab, report: dict[str, Any], wall: float, baseline_wall: fl
 def _job_cmd(photos: Path, out: Path, args: argparse.Namespace, gpu: str) -> list[str]:
     """The job as a worker process (`--worker`): full-random needs RunOptions, which the CLI does not expose."""
     spec = {"photos": str(photos), "out": str(out), "gpu": gpu, "tiny": args.tiny, "device": args.device,
-            "vram": args.vram, "wait": args.wait_for_vram}  # fmt: skip
+            "vram": args.vram, "wait": args.wait_for_vram, "cpu_fallback": args.cpu_fallback}  # fmt: skip
     return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
 
 
@@ -169,10 +182,12 @@ def worker(spec: dict[str, Any]) -> int:
     from orchestrator.job import JobError, RunOptions, run_job
 
     overrides = {"mesh_iters": 100} if not spec["tiny"] else {}
-    opts = RunOptions(vram=spec["vram"], gpu=spec["gpu"], views=6, resolution=None if spec["tiny"] else 512,
+    gpu = "auto" if spec["gpu"] == "cpu" else spec["gpu"]  # --tiny: the one simulated card
+    opts = RunOptions(vram=spec["vram"], gpu=gpu, views=6, resolution=None if spec["tiny"] else 512,
                       steps=None if spec["tiny"] else 10, thg_interval=3, max_retries=3,
                       wait_for_vram_s=float(spec["wait"]), device=spec["device"], tiny=spec["tiny"],
-                      full_random=not spec["tiny"], overrides=tuple(overrides.items()), quiet=True)  # fmt: skip
+                      full_random=not spec["tiny"], overrides=tuple(overrides.items()), quiet=True,
+                      cpu_fallback=spec.get("cpu_fallback", "auto") == "auto")  # fmt: skip
     Path(spec["out"]).mkdir(parents=True, exist_ok=True)
     (Path(spec["out"]) / T0_FILE).write_text(repr(time.time()))
     try:
@@ -193,6 +208,32 @@ def _gpu_env(gpu: str, uuid: str | None) -> dict[str, str]:
     return env
 
 
+def _simulated_card(path: Path, total: int, held: int) -> None:
+    """The --tiny card: `held` bytes taken by a foreign process (this script's pid: alive, not ours)."""
+    procs = [{"pid": os.getpid(), "used": held, "name": "chaos neighbour"}] if held else []
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"gpus": [{"name": "Simulated chaos card", "uuid": f"GPU-chaos-{path.stem}",
+                                         "total": total, "processes": procs}]}))  # fmt: skip
+    tmp.replace(path)
+
+
+def _simulated_neighbour(grab: Grab, card: Path, total: int, out: Path, stop: threading.Event,
+                         lines: list[dict[str, Any]]) -> None:
+    """--tiny: take `grab.fraction` of the simulated card when the target stage's request appears (at once for
+    "before"), give it back after hold_s (< 0: keep it); the same JSON lines as the GPU neighbour."""
+    request = out / "job" / grab.target / "request.msgpack"
+    while grab.target != "before" and not request.exists() and not stop.wait(0.02):
+        pass
+    if stop.is_set():
+        return
+    held = int(total * grab.fraction)
+    _simulated_card(card, total, held)
+    lines.append({"grab_at": time.time(), "free_before": total, "grabbed": held})
+    if grab.hold_s >= 0 and not stop.wait(grab.hold_s):
+        _simulated_card(card, total, 0)
+        lines.append({"released_at": time.time()})
+
+
 def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespace,
             uuids: dict[str, str]) -> tuple[dict[str, Any], float, list[dict[str, Any]], float | None]:
     """One job, with its neighbour when `grab` is given; returns (run.json, wall s, neighbour's lines, job t0)."""
@@ -200,10 +241,22 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
     out = work / (f"run_{grab.run:02d}" if grab else f"baseline_gpu{gpu}")
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "UP2YOU_CACHE_DIR": str(out.parent / f"cache_{out.name}")}  # corrections learned per run
-    if args.tiny and grab and grab.target != "before":
-        env["UP2YOU_FAULTS"] = f"{grab.target}:oom:1"  # no GPU: the grab's effect, injected
     neighbour = None
     first: list[dict[str, Any]] = []
+    simulated: threading.Thread | None = None
+    stop = threading.Event()
+    if args.tiny:  # no GPU: a simulated card, its neighbour a listed process, the grab's OOM injected
+        card, total = out.parent / f"card_{out.name}.json", int(args.card_gib * GiB)
+        _simulated_card(card, total, 0)
+        env.update(UP2YOU_SIMULATED_GPUS=str(card), UP2YOU_RUNTIME_DIR=str(out.parent / f"ledger_{out.name}"))
+        if grab and grab.target != "before":
+            env["UP2YOU_FAULTS"] = f"{grab.target}:sleep:1:1,{grab.target}:oom:1"
+        if grab:
+            simulated = threading.Thread(target=_simulated_neighbour, args=(grab, card, total, out, stop, first))
+            simulated.start()
+            if grab.target == "before":
+                while not first and simulated.is_alive():  # the grab lands before the job starts planning
+                    time.sleep(0.01)
     if grab and not args.tiny:
         at = -1.0 if grab.target == "before" else grab.at_s
         neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, str(at), str(grab.fraction), str(grab.hold_s),
@@ -215,6 +268,9 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
     t = time.monotonic()
     proc = subprocess.run(_job_cmd(photos, out, args, gpu), env=env, capture_output=True, text=True)
     wall = time.monotonic() - t
+    if simulated is not None:
+        stop.set()
+        simulated.join()
     lines = first
     if neighbour:
         neighbour.kill()
@@ -240,6 +296,8 @@ def main() -> int:
     ap.add_argument("--card-gib", type=float, default=16.0, help="free memory each GPU is left with by the filler")
     ap.add_argument("--vram", default="12GB")
     ap.add_argument("--wait-for-vram", type=float, default=10.0)
+    ap.add_argument("--cpu-fallback", choices=("auto", "never"), default="auto",
+                    help="the jobs' --cpu-fallback: auto runs a stage no GPU plan fits on the CPU; never exits 75")
     ap.add_argument("--seed", type=int, default=10)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
@@ -298,7 +356,8 @@ def main() -> int:
             f.wait()
     summary = summarise_all(rows, time.monotonic() - t_all)
     meta = {"part": args.part or "all", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": _git(), "gpus": gpu_meta, "card_gib": args.card_gib,
-            "vram": args.vram, "wait_for_vram_s": args.wait_for_vram, "seed": args.seed, "tiny": args.tiny,
+            "vram": args.vram, "wait_for_vram_s": args.wait_for_vram, "cpu_fallback": args.cpu_fallback,
+            "seed": args.seed, "tiny": args.tiny,
             "device": args.device, "plan": "6 views, 512 px, 10 steps, THG 3, 100 mesh iterations, full-random",
             "table": f"{table.name}@v{table.version}", "torch": _torch_version(), "python": sys.version.split()[0],
             "baselines": {g: {"wall_s": round(r[1], 2), "plan": r[0].get("plan_label"), "ok": r[0].get("ok")}
@@ -313,6 +372,9 @@ def summarise_all(rows: list[dict[str, Any]], total_s: float) -> dict[str, Any]:
         "any_recomputed": sum(bool(r["recomputed"]) for r in rows),
         "peak_within_cap": sum(r["peak_within_cap"] for r in rows),
         "replanned": sum(bool(r["replans"]) for r in rows),
+        # the last rung: runs that finished with some stage on the CPU, and how many stages took it
+        "ran_on_cpu": sum(bool(r.get("cpu_stages")) for r in rows),
+        "cpu_stages": sum(len(r.get("cpu_stages", [])) for r in rows),
         "mean_time_lost_s": round(sum(r["time_lost_s"] for r in rows) / max(1, len(rows)), 2),
         "total_s": round(total_s, 1),
     }  # fmt: skip
@@ -365,14 +427,15 @@ def _for_gpu(args: argparse.Namespace, g: str) -> argparse.Namespace:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     t = Table(title="chaos: a neighbour grabs 30-97 % of free memory at a random moment")
-    for col in ("run", "gpu", "grab", "GiB", "at s", "held", "stage hit", "OOM in", "re-plan", "lost s", "ok",
-                "recomputed", "peak/cap GiB"):  # fmt: skip
+    for col in ("run", "gpu", "grab", "GiB", "at s", "held", "stage hit", "OOM in", "re-plan", "on CPU", "lost s",
+                "ok", "recomputed", "peak/cap GiB"):  # fmt: skip
         t.add_column(col, overflow="fold")
     for r in rows:
         t.add_row(str(r["run"]), r["gpu"], f"{r['fraction'] * 100:.0f} %",
                   f"{(r['grabbed_bytes'] or 0) / GiB:.1f}", f"{r['grab_s'] or r['at_s']:.1f}",
                   "to the end" if r["hold_s"] < 0 else f"{r['hold_s']:.0f} s", r["stage_hit"],
-                  ",".join(r["oom_stages"]) or "-", "; ".join(r["replans"])[:90] or "-", f"{r['time_lost_s']:+.1f}",
+                  ",".join(r["oom_stages"]) or "-", "; ".join(r["replans"])[:90] or "-",
+                  ",".join(r.get("cpu_stages", [])) or "-", f"{r['time_lost_s']:+.1f}",
                   "yes" if r["ok"] else f"NO ({r['exit_code']})", ",".join(r["recomputed"]) or "none",
                   f"{r['peak_nvml_bytes'] / GiB:.2f}/{r['cap_bytes'] / GiB:.2f}" + ("" if r["peak_within_cap"] else " OVER"))  # fmt: skip
     con.print(t)

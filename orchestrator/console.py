@@ -120,6 +120,8 @@ class ProgressPrinter:
             c.print(f"[yellow]… waiting for GPU memory: {gib(free)} free, budget {gib(budget)}[/yellow]")
         elif kind == "wait":  # once per wait: who holds the GPU, how much is missing
             c.print(f"[yellow]… {escape(payload)}[/yellow]", highlight=False)
+        elif kind == "cpu":  # no GPU plan fits what is free: this stage runs on the CPU
+            c.print(f"[yellow]⤓ {escape(payload)}[/yellow]", highlight=False)
 
     def _end(self, a: Attempt) -> None:
         measured = a.measured_gpu_bytes if a.measured_gpu_bytes is not None else a.measured_rss_bytes

@@ -98,6 +98,8 @@ class RunOptions:
     quiet: bool = False  # no progress lines (--json)
     table: Path | None = None  # another budget table file
     time_budget_s: float | None = None  # --time-budget: the plan must also finish in this many seconds (predicted)
+    # --cpu-fallback auto: a stage that no GPU plan fits (a neighbour left too little) runs on the CPU, not exit 75
+    cpu_fallback: bool = True
 
 
 @dataclass
@@ -151,6 +153,7 @@ class RunReport:
             if a.outcome != "skipped":
                 measured[a.stage] = {"predicted_bytes": a.predicted_bytes, "measured_gpu_bytes": a.measured_gpu_bytes,
                                      "measured_rss_bytes": a.measured_rss_bytes, "outcome": a.outcome,
+                                     "on_cpu": bool(a.cpu_fallback),
                                      **self._seconds(a.stage, a.wall_s, final)}  # fmt: skip
         return {
             "ok": self.ok, "exit_code": self.exit_code, "message": self.message,
@@ -167,6 +170,8 @@ class RunReport:
             "attempts": [a.to_dict() for a in r.attempts] if r else [],
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
+            "cpu_stages": [{"stage": a.stage, "attempt": a.attempt, "outcome": a.outcome, "why": a.cpu_fallback}
+                           for a in (r.attempts if r else []) if a.cpu_fallback],
             "waits": [w.__dict__ for w in self.waits + (r.waits if r else [])],
             "startup": startup_report(r.attempts, {a.stage: JobDir(self.job_dir).read_manifest(a.stage) or {}
                                                    for a in r.attempts}) if r else {},
@@ -238,6 +243,7 @@ def plan_job(
                      **(SMOKE_GEOMETRY if smoke else {})).replace(**dict(options.overrides))  # fmt: skip
     corrections = Corrections(gpu.name if gpu else "cpu", f"{table.name}@v{table.version}")
     waits: tuple[Wait, ...] = ()
+    want: int | None = None
     if gpu is None or ledger is None:
         budget, ledger = resolve_budget(options.vram, None), None
     else:
@@ -246,17 +252,39 @@ def plan_job(
             budget, gpu, waits = _wait_for_budget(options, probe, gpu, ledger, want, on_event)
         except LedgerError as exc:
             raise JobError(str(exc), EXIT_DISK_FULL) from None
+
+    def choose(nbytes: int) -> PlanChoice:
+        try:
+            return choose_plan(pipeline, table, len(inputs.photos), nbytes, base, constraints, corrections.factors())
+        except TimeBudgetTooShort as exc:
+            raise JobError(f"--time-budget {options.time_budget_s:g}s: {exc}", EXIT_USAGE) from None
+        except NoTimeModel as exc:
+            raise JobError(f"--time-budget: {exc}", EXIT_USAGE) from None
+
+    prefix = f"--vram {options.vram}: " if options.vram != "auto" else "the free GPU memory: "
     try:
-        choice = choose_plan(pipeline, table, len(inputs.photos), budget.bytes, base, constraints,
-                             corrections.factors())  # fmt: skip
-    except TimeBudgetTooShort as exc:
-        raise JobError(f"--time-budget {options.time_budget_s:g}s: {exc}", EXIT_USAGE) from None
+        choice = choose(budget.bytes)
     except NoPlanFits as exc:
-        prefix = f"--vram {options.vram}: " if options.vram != "auto" else "the free GPU memory: "
-        raise JobError(prefix + str(exc), EXIT_USAGE) from None
-    except NoTimeModel as exc:
-        raise JobError(f"--time-budget: {exc}", EXIT_USAGE) from None
+        if not options.cpu_fallback or want is None or want <= budget.bytes:
+            raise JobError(prefix + str(exc), EXIT_USAGE) from None
+        # the cap (or the best quality) would fit: only the memory free now is short, someone else holds it
+        try:
+            choice = choose(want)
+        except NoPlanFits as below:  # the user's own cap is below every plan: a usage error
+            raise JobError(prefix + str(below), EXIT_USAGE) from None
+        budget = _budget_for_later(options, budget, want, exc.minimum_bytes)
     return JobPlan(inputs, budget, constraints, base, choice, corrections, table, ledger, waits)
+
+
+def _budget_for_later(options: RunOptions, now: Budget, want: int, minimum: int) -> Budget:
+    """Plan against the cap (auto: the best quality) when only the memory free now is short of every plan:
+    each stage's admission then waits, degrades, or runs the stage on the CPU (--cpu-fallback auto)."""
+    assert now.gpu is not None
+    will = "would" if options.plan_only else "will"
+    head = f"--vram {options.vram}" if options.vram != "auto" else f"auto: planned for the best quality ({gib(want)})"
+    return Budget(want, f"{head}; only {gib(now.bytes)} usable on GPU {now.gpu.index} now, below the smallest "
+                        f"plan ({gib(minimum)}): each stage {will} wait for memory (--wait-for-vram "
+                        f"{options.wait_for_vram_s:g}s), then take what fits or run on the CPU", now.gpu)  # fmt: skip
 
 
 def run_job(
@@ -316,7 +344,7 @@ def _run_locked(
                      ledger=jp.ledger,
                      job_id=options.job_id or str(out.resolve()),
                      vram_cap=None if options.vram == "auto" else parse_size(options.vram),
-                     wait_for_siblings_s=options.wait_for_siblings_s)  # fmt: skip
+                     wait_for_siblings_s=options.wait_for_siblings_s, cpu_fallback=options.cpu_fallback)  # fmt: skip
     with sigterm_as_interrupt():
         result = run_pipeline(ctx, choice)
     report.pipeline_result = result

@@ -10,6 +10,11 @@ On a shared GPU (a `Ledger` in the context) each GPU stage is admitted before `g
 (`orchestrator.admission`): its predicted need is reserved host-wide, on the fastest memory-only
 rung that fits now, or the job waits; the stage's allocator cap is what it reserved, and the
 reservation is released when the process has exited.
+
+The last rung of "degrade only as far as it must" is the CPU: when no GPU plan fits what a neighbour
+left (after `--wait-for-vram`, or after an OOM), that one stage runs on the CPU (`cpu_fallback`): the
+same plan with `device="cpu"`, so the same key and nothing recomputed, no cap, no reservation. The
+next stage asks the GPU again.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from orchestrator.planner import (
     NoPlanFits,
     PlanChoice,
     StageFit,
+    TimeBudgetTooShort,
     choice_of,
     choose_plan,
     same_quality,
@@ -79,6 +85,7 @@ class Attempt:
     ready_s: float | None = None  # when the process said `ready` (pre-start done), since the job started
     message: str = ""
     reserved_bytes: int | None = None  # what the ledger reserved for it (its allocator cap + context)
+    cpu_fallback: str = ""  # why this attempt ran on the CPU although the job plans for a GPU ("" = it did not)
     samples: list[Sample] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +119,11 @@ class PipelineResult:
     def ok(self) -> bool:
         return self.exit_code == EXIT_OK
 
+    @property
+    def cpu_stages(self) -> list[str]:
+        """The stages whose finished attempt ran on the CPU for lack of GPU memory, in order."""
+        return [a.stage for a in self.attempts if a.cpu_fallback and a.outcome == "ok"]
+
 
 @dataclass
 class RunContext:
@@ -142,6 +154,8 @@ class RunContext:
     wait_for_siblings_s: float = SIBLING_WAIT_S
     # at most this many stages waiting ahead, memory permitting (UP2YOU_PRESTART_AHEAD=N; default: cores - 1)
     prestart_ahead: int = field(default_factory=lambda: _env_int(prestart.AHEAD_ENV, prestart.default_ahead()))
+    # --cpu-fallback auto: a stage that no GPU plan fits runs on the CPU instead of exiting 75
+    cpu_fallback: bool = True
 
 
 def _env_int(name: str, default: int) -> int:
@@ -190,6 +204,7 @@ class Runner:
         self.overlap_saved = 0.0
         self.reservation: Reservation | None = None
         self.admission_degrades = 0
+        self.cpu_stage: tuple[str, str] | None = None  # (stage, why): its next attempt runs on the CPU
         self.admitter = (Admitter(ctx.ledger, ctx.gpu, ctx.job_id, probe=ctx.probe, keep_free=AUTO_RESERVE,
                                   wait_for_vram_s=ctx.wait_for_vram_s, wait_for_siblings_s=ctx.wait_for_siblings_s,
                                   on_event=ctx.on_event)
@@ -200,6 +215,10 @@ class Runner:
         code, message = EXIT_OK, "done"
         try:
             self._loop()
+            cpu = [a.stage for a in self.attempts if a.cpu_fallback and a.outcome == "ok"]
+            if cpu:
+                message = (f"done; {', '.join(cpu)} ran on the CPU (no GPU plan fit the memory that was free; "
+                           f"see cpu_stages in run.json)")  # fmt: skip
         except StageFailed as exc:
             code, message = exc.code, str(exc)
         except LedgerError as exc:
@@ -313,7 +332,7 @@ class Runner:
         Returns None once reserved (or when there is nothing to reserve), or (degraded choice, why)
         when the wait allowed is used up and a plan with fewer views or pixels fits what is there.
         """
-        if self.admitter is None or self._fit(spec.name) is None:
+        if self.admitter is None or self._fit(spec.name) is None or self._on_cpu(spec):
             return None
         ctx = self.ctx
         rungs = [choice_of(c, ctx.pipeline, ctx.table, ctx.n_refs, self.budget, ctx.corrections.factors(),
@@ -341,8 +360,23 @@ class Runner:
             return None
         return self._degrade(spec)
 
-    def _degrade(self, spec: StageSpec) -> tuple[PlanChoice, str]:
-        """The best plan that fits what is free and unreserved now; exit 75 if none does."""
+    def _may_fall_back(self, exc: NoPlanFits | None = None) -> bool:
+        """--cpu-fallback auto, on a job that plans for a GPU (a CPU run is there already), for lack of memory
+        (not of time: a plan that fits the memory but not --time-budget is no reason for the slower CPU)."""
+        return self.ctx.cpu_fallback and self.ctx.gpu is not None and not isinstance(exc, TimeBudgetTooShort)
+
+    def _on_cpu(self, spec: StageSpec) -> bool:
+        return self.cpu_stage is not None and self.cpu_stage[0] == spec.name
+
+    def _fall_back_to_cpu(self, spec: StageSpec, why: str, announce: bool = True) -> None:
+        """Run this stage's next attempt on the CPU (same plan, same key); say so once."""
+        self.cpu_stage = (spec.name, why)
+        if announce:
+            self.ctx.on_event("cpu", why)
+
+    def _degrade(self, spec: StageSpec) -> tuple[PlanChoice, str] | None:
+        """The best plan that fits what is free and unreserved now; if none does, this stage on the CPU
+        (None) with --cpu-fallback auto, else exit 75."""
         ctx = self.ctx
         assert ctx.ledger is not None and ctx.gpu is not None and self.admitter is not None
         self.admission_degrades += 1
@@ -352,7 +386,13 @@ class Runner:
             room = min(room, self.budget)
         waited = self.admitter.last_wait.seconds if self.admitter.last_wait else 0.0
         bound = "--wait-for-siblings" if self.admitter.last_kind == "siblings" else "--wait-for-vram"
+        where = f"{gib(room)} free and unreserved on GPU {view.gpu.index} after waiting {waited:.0f} s"
         if self.admission_degrades > 2 * len(ctx.pipeline.stages):  # memory keeps vanishing as we re-plan
+            if self._may_fall_back():
+                self._fall_back_to_cpu(spec, f"{spec.name}: GPU memory vanished each of the "
+                                             f"{self.admission_degrades - 1} times it was planned for ({where}): "
+                                             f"running {spec.name} on the CPU (slow; nothing recomputed)")  # fmt: skip
+                return None
             raise StageFailed(EXIT_OOM, f"stage {spec.name} cannot get GPU memory: re-planned "
                                         f"{self.admission_degrades - 1} times for what was free, and it was gone "
                                         f"each time; free GPU memory or pass --wait-for-vram")  # fmt: skip
@@ -360,10 +400,14 @@ class Runner:
             choice = choose_plan(ctx.pipeline, ctx.table, ctx.n_refs, room, ctx.base, ctx.constraints,
                                  ctx.corrections.factors())  # fmt: skip
         except NoPlanFits as exc:
+            if self._may_fall_back(exc):
+                self._fall_back_to_cpu(spec, f"{spec.name}: {where}; the smallest plan needs "
+                                             f"{gib(exc.minimum_bytes)}: running {spec.name} on the CPU "
+                                             f"(slow; nothing recomputed)")  # fmt: skip
+                return None
             raise StageFailed(EXIT_OOM, f"stage {spec.name} cannot get GPU memory and no plan fits any more: "
                                         f"{exc}") from None  # fmt: skip
-        why = (f"{spec.name}: {gib(room)} free and unreserved on GPU {view.gpu.index} after waiting {waited:.0f} s "
-               f"({bound}): planned for that")  # fmt: skip
+        why = f"{spec.name}: {where} ({bound}): planned for that"
         return choice, why
 
     def _release(self) -> None:
@@ -373,7 +417,10 @@ class Runner:
 
     def _run_stage(self, spec: StageSpec, key: str, previous_exit: float | None, nxt: StageSpec | None,
                    proc: StageProcess) -> Attempt:  # fmt: skip
-        plan = self.choice.plan
+        cpu_why = self.cpu_stage[1] if self.cpu_stage is not None and self._on_cpu(spec) else ""
+        self.cpu_stage = None  # the CPU is for this attempt only: a retry, and the next stage, ask the GPU again
+        # on the CPU: the same plan on another device (the device is in no key: nothing is recomputed)
+        plan = self.choice.plan.replace(device="cpu") if cpu_why else self.choice.plan
         self.running = proc
         self.tries[spec.name] += 1
         reserved = self.reservation.nbytes if self.reservation is not None else None
@@ -381,9 +428,10 @@ class Runner:
         fit = self._fit(spec.name)
         self.ctx.job.clear_error(spec.name)  # what error.msgpack says from here on is about this attempt
         self.ctx.job.write_request(spec.name, {"plan": plan.to_dict(), "key": key, "attempt": self.tries[spec.name],
-                                               "cap_bytes": cap})  # fmt: skip
+                                               "cap_bytes": cap, "cpu_fallback": cpu_why})  # fmt: skip
         started = time.monotonic()
-        self.ctx.on_event("start", (spec.name, self.choice.candidate.label, fit))
+        label = self.choice.candidate.label + (", on the CPU" if cpu_why else "")
+        self.ctx.on_event("start", (spec.name, label, None if cpu_why else fit))
         gpu_index = self.ctx.gpu.index if (self.ctx.gpu is not None and plan.on_gpu) else None
         # sampling starts before `go`: a pre-started stage can finish before a late sampler sees it
         with MemorySampler(proc, self.ctx.probe, gpu_index, self.t0) as sampler:
@@ -405,7 +453,7 @@ class Runner:
             started_s=started - self.t0, wall_s=time.monotonic() - started, hidden_startup_s=hidden,
             ready_s=proc.ready_at - self.t0 if proc.ready_at is not None else None,
             message=_message(code, error, self.ctx.job.path(spec.name, "log.txt")), reserved_bytes=reserved,
-            samples=sampler.samples,
+            cpu_fallback=cpu_why, samples=sampler.samples,
         )  # fmt: skip
         self.attempts.append(attempt)
         self.ctx.on_event("end", attempt)
@@ -415,8 +463,9 @@ class Runner:
         """After an OOM: blame our own jobs (retry: admission waits for them), a neighbour (wait, or
         shrink the budget) or the estimate (learn), then re-plan."""
         free = self._free_now()
+        budget_before = self.budget
         had = attempt.reserved_bytes or self.budget  # what the stage could use: its reservation, or the budget
-        reason: str
+        reason, lowered = "", ""
         if free is not None and free - AUTO_RESERVE < had and self._siblings_hold_it(had):
             return self.choice, (f"only {gib(free)} free and unreserved after the failure (the stage had "
                                  f"{gib(had)}): our other jobs hold the rest; retrying when they give it back")  # fmt: skip
@@ -425,7 +474,7 @@ class Runner:
             free = self._wait_for_free(free, had)
             if free - AUTO_RESERVE < had:
                 self.budget = max(0, min(self.budget, free - AUTO_RESERVE))
-                reason += f"; budget lowered to {gib(self.budget)}"
+                lowered = f"; budget lowered to {gib(self.budget)}"
             else:
                 reason += "; it was given back while waiting"
         else:
@@ -441,8 +490,19 @@ class Runner:
             choice = choose_plan(self.ctx.pipeline, self.ctx.table, self.ctx.n_refs, self.budget, self.ctx.base,
                                  self.ctx.constraints, self.ctx.corrections.factors())  # fmt: skip
         except NoPlanFits as exc:
-            raise StageFailed(EXIT_OOM, f"stage {spec.name} ran out of memory and no plan fits any more: {exc}") from None
-        return choice, reason
+            if not self._may_fall_back(exc):
+                raise StageFailed(EXIT_OOM, f"stage {spec.name} ran out of memory and no plan fits any more: "
+                                            f"{exc}") from None  # fmt: skip
+            # this stage on the CPU; the next stage is admitted against the budget as it was (the neighbour may go)
+            self.budget = budget_before
+            short = free is not None and self.ctx.gpu is not None and free - AUTO_RESERVE < exc.minimum_bytes
+            room = (f"{gib(free)} free and unreserved on GPU {self.ctx.gpu.index} after the failure"
+                    if short and self.ctx.gpu is not None else f"the budget is {gib(exc.budget_bytes)}")  # fmt: skip
+            why = (f"{spec.name}: {room}; the smallest plan needs {gib(exc.minimum_bytes)}: running {spec.name} "
+                   f"on the CPU (slow; nothing recomputed)")  # fmt: skip
+            self._fall_back_to_cpu(spec, why, announce=False)  # the re-plan line says it
+            return self.choice, f"{reason}; {why}"
+        return choice, reason + lowered
 
     def _free_now(self) -> int | None:
         """NVML free on our GPU; on a shared GPU, free and unreserved (other jobs' claims subtracted)."""

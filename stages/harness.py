@@ -8,6 +8,9 @@ What the harness guarantees, so that stages need not:
   CUDA), prints ``ready`` and blocks on stdin until the runner writes ``go`` — start-up overlaps
   the previous stage while isolation is kept (CUDA is touched only after ``go``);
 - **memory cap**: ``torch.cuda.set_per_process_memory_fraction`` to the budget in the request;
+- **a CPU plan never touches CUDA** (the runner's CPU fallback hands a process spawned with a GPU
+  visible a plan with ``device="cpu"``): no context, no cap, and the GPUs are hidden before anything
+  could create a context;
 - **fault injection**: ``UP2YOU_FAULTS=rgb:oom:1`` raises a real ``torch.cuda.OutOfMemoryError``
   in stage ``rgb`` on attempts <= 1 (kinds: ``oom``, ``oom_runtime``, ``crash``, ``sleep``,
   ``enospc`` (the first output write fails: disk full), ``pause`` (``rgb:pause:1:write``: stop at a
@@ -193,7 +196,7 @@ class StageContext:
 
     def free_memory(self) -> None:
         gc.collect()
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():  # never the first CUDA call: a CPU stage must create no context
             torch.cuda.empty_cache()
 
 
@@ -249,6 +252,8 @@ def _inject_fault(name: str, attempt: int) -> None:
 
 def _apply_cap(ctx: StageContext) -> None:
     if ctx.device.type != "cuda":
+        if not torch.cuda.is_initialized():  # a pre-started process was spawned seeing the GPU: hide it
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return
     if not torch.cuda.is_available():
         raise _NoDevice(f"the plan runs on {ctx.plan.device} but torch sees no CUDA GPU; use --device cpu --tiny")

@@ -52,3 +52,13 @@ def test_what_the_table_reads_from_the_attempts() -> None:
     assert chaos.peak_vs_cap(attempts, context_bytes=1) == (9, 11, True)
     assert chaos.peak_vs_cap(attempts, context_bytes=0)[2] is True
     assert chaos.peak_vs_cap([_attempt("rgb", "ok", 0, 1, 12, 10)], context_bytes=1) == (12, 11, False)
+
+
+def test_the_stages_that_ran_on_the_cpu_are_read_from_run_json_and_counted() -> None:
+    report = {"cpu_stages": [{"stage": "rgb", "outcome": "ok"}, {"stage": "mesh", "outcome": "out of GPU memory"},
+                             {"stage": "mesh", "outcome": "ok"}]}  # fmt: skip
+    assert chaos.cpu_stages(report) == ["rgb", "mesh"] and chaos.cpu_stages({}) == []
+    row = {"ok": True, "recomputed": [], "peak_within_cap": True, "replans": [], "time_lost_s": 1.0}
+    rows = [{**row, "cpu_stages": ["rgb", "mesh"]}, {**row, "cpu_stages": []}, row]  # the last: an older part
+    summary = chaos.summarise_all(rows, 10.0)
+    assert (summary["finished"], summary["ran_on_cpu"], summary["cpu_stages"]) == (3, 1, 2)

@@ -73,12 +73,12 @@ def test_a_neighbour_that_gives_memory_back_is_waited_for_and_the_plan_is_kept(p
         json.loads(p.read_text())["entries"] == [] for p in (tmp_path / "runtime").glob("*.json"))
 
 
-def test_a_neighbour_that_stays_past_the_wait_allowed_ends_in_exit_75(photos, tmp_path, fake_table) -> None:
+def test_a_neighbour_that_stays_past_the_wait_allowed_ends_in_exit_75_without_cpu_fallback(photos, tmp_path, fake_table) -> None:
     probe = SimulatedProbe(SimulatedGpu(24 * GiB, name="Sim 24G"))
     out = tmp_path / "out"
     t = _neighbour_during(probe, out, 22 * GiB + GiB // 2, hold_s=None)  # 1.5 GiB left, for good
-    report = run_job(photos, out, RunOptions(vram="12GB", device="cpu", wait_for_vram_s=1), probe=probe,
-                     pipeline=FAKE, table=fake_table)  # fmt: skip
+    report = run_job(photos, out, RunOptions(vram="12GB", device="cpu", wait_for_vram_s=1, cpu_fallback=False),
+                     probe=probe, pipeline=FAKE, table=fake_table)  # fmt: skip
     t.join()
     assert report.exit_code == 75
     assert "no plan fits any more" in report.message and "below the minimum of any plan" in report.message

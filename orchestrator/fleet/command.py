@@ -27,6 +27,8 @@ def job_args(options: RunOptions) -> list[str]:
                         ("--thg-interval", o.thg_interval), ("--weights", weights and weights.resolve())):
         if value is not None:
             args += [flag, str(value)]
+    if not o.cpu_fallback:  # auto is the default: left out, so earlier runs' fingerprints still match
+        args += ["--cpu-fallback", "never"]
     if o.tiny:
         args.append("--tiny")
     if o.full_random:

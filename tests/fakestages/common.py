@@ -23,7 +23,10 @@ def run_fake(ctx: StageContext, reads: tuple[str, ...]) -> torch.Tensor:
     out = torch.rand(plan.views, 8, 8, generator=g) + (upstream % 1000.0) / 1000.0 + ballast.mean()
     time.sleep(_run_seconds(ctx.name))
     ctx.save_tensors("outputs.safetensors", {"out": out.float()})
-    ctx.record(views=plan.views, resolution=plan.resolution, cfg_mode=plan.cfg_mode, run_window=[started, time.time()])
+    ctx.record(views=plan.views, resolution=plan.resolution, cfg_mode=plan.cfg_mode, run_window=[started, time.time()],
+               # what a CPU-fallback test checks: the request said CPU, and the process saw no GPU and made no context
+               cpu_fallback=bool(ctx.request.get("cpu_fallback")), cuda_initialized=torch.cuda.is_initialized(),
+               cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     return out
 
 
