@@ -155,7 +155,10 @@ def summarise(grab: Grab, report: dict[str, Any], wall: float, baseline_wall: fl
     took = next((n for n in neighbour if "grabbed" in n), {})
     grab_s = took["grab_at"] - t0 if took and t0 else None
     released = next((n["released_at"] - t0 for n in neighbour if "released_at" in n and t0), None)
-    hit = stage_at(attempts, grab_s if grab_s is not None else grab.at_s)
+    # the attempts count from the runner's start, which comes after planning (and, --tiny, writing weights)
+    runner_t0 = report.get("attempts_t0_wall")
+    hit_s = took["grab_at"] - runner_t0 if took and runner_t0 else grab_s
+    hit = stage_at(attempts, hit_s if hit_s is not None else grab.at_s)
     ooms = [a["stage"] for a in attempts if a["outcome"] == "out of GPU memory"]
     peak, cap, under = peak_vs_cap(attempts, context_bytes)
     return {

@@ -168,6 +168,7 @@ class RunReport:
             "predictions": plan_view, "predicted_vs_measured": measured,
             "predicted_seconds": final.times.to_dict() if final.times else None,
             "attempts": [a.to_dict() for a in r.attempts] if r else [],
+            "attempts_t0_wall": r.started_at if r else None,  # time.time() that the attempts' started_s count from
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
             "cpu_stages": [{"stage": a.stage, "attempt": a.attempt, "outcome": a.outcome, "why": a.cpu_fallback}

@@ -114,6 +114,7 @@ class PipelineResult:
     budget_bytes: int
     overlap_saved_s: float
     waits: list[Wait] = field(default_factory=list)
+    started_at: float = 0.0  # wall-clock time (time.time()) that the attempts' started_s count from
 
     @property
     def ok(self) -> bool:
@@ -193,6 +194,7 @@ class Runner:
         self.choice = choice
         self.budget = ctx.budget_bytes
         self.t0 = time.monotonic()
+        self.started_at = time.time()
         self.env = child_env(ctx.gpu)
         self.attempts: list[Attempt] = []
         self.replans: list[Replan] = []
@@ -230,7 +232,8 @@ class Runner:
         finally:
             self._cleanup()
         return PipelineResult(code, message, self.choice, self.attempts, self.replans, self.budget,
-                              self.overlap_saved, self.admitter.waits if self.admitter else [])  # fmt: skip
+                              self.overlap_saved, self.admitter.waits if self.admitter else [],
+                              self.started_at)  # fmt: skip
 
     def _loop(self) -> None:
         stages = self.ctx.pipeline.stages
@@ -264,6 +267,11 @@ class Runner:
                 code = attempt.exit_code if attempt.exit_code and attempt.exit_code > 0 else 1
                 raise StageFailed(code, f"stage {spec.name} failed ({attempt.outcome}): {attempt.message}")
             if self.retries >= self.ctx.max_retries:
+                if self._may_fall_back():
+                    self._fall_back_to_cpu(spec, f"{spec.name}: ran out of GPU memory {self.tries[spec.name]} "
+                                                 f"time(s) and --max-retries {self.ctx.max_retries} is used up: "
+                                                 f"running {spec.name} on the CPU (slow; nothing recomputed)")  # fmt: skip
+                    continue
                 raise StageFailed(EXIT_OOM, f"stage {spec.name} ran out of GPU memory and --max-retries "
                                             f"{self.ctx.max_retries} is used up; see the attempts in run.json")
             self.retries += 1
@@ -493,8 +501,14 @@ class Runner:
             if not self._may_fall_back(exc):
                 raise StageFailed(EXIT_OOM, f"stage {spec.name} ran out of memory and no plan fits any more: "
                                             f"{exc}") from None  # fmt: skip
-            # this stage on the CPU; the next stage is admitted against the budget as it was (the neighbour may go)
+            # the next stage is admitted against the budget as it was (the neighbour may go)
             self.budget = budget_before
+            smallest = self._smallest_rung(spec)
+            if free is not None and smallest is not None and smallest <= free - AUTO_RESERVE:
+                # no whole plan fits (a later stage needs more), but this stage does on a smaller memory rung:
+                # retry it on the GPU; admission picks the rung, and each later stage is admitted in its turn
+                return self.choice, (f"{reason}; {spec.name} alone fits in {gib(free - AUTO_RESERVE)} on a "
+                                     f"smaller memory rung ({gib(smallest)}): retried on the GPU")  # fmt: skip
             short = free is not None and self.ctx.gpu is not None and free - AUTO_RESERVE < exc.minimum_bytes
             room = (f"{gib(free)} free and unreserved on GPU {self.ctx.gpu.index} after the failure"
                     if short and self.ctx.gpu is not None else f"the budget is {gib(exc.budget_bytes)}")  # fmt: skip
@@ -503,6 +517,15 @@ class Runner:
             self._fall_back_to_cpu(spec, why, announce=False)  # the re-plan line says it
             return self.choice, f"{reason}; {why}"
         return choice, reason + lowered
+
+    def _smallest_rung(self, spec: StageSpec) -> int | None:
+        """The least this stage needs on any memory rung of the current quality (views, pixels): what
+        admission can still reserve for it. None when the stage has no GPU fit (nothing to reserve)."""
+        ctx = self.ctx
+        sizes = [f.need_bytes for c in same_quality(self.choice.plan, ctx.base, ctx.constraints)
+                 for f in choice_of(c, ctx.pipeline, ctx.table, ctx.n_refs, self.budget, ctx.corrections.factors(),
+                                    self.choice.degradations).fits if f.stage == spec.name]  # fmt: skip
+        return min(sizes) if sizes else None
 
     def _free_now(self) -> int | None:
         """NVML free on our GPU; on a shared GPU, free and unreserved (other jobs' claims subtracted)."""

@@ -184,3 +184,57 @@ def test_the_option_takes_auto_or_never_and_refuses_anything_else_in_one_line(ca
     text = capsys.readouterr().err
     assert "--cpu-fallback" in text and "expected auto or never" in text and "Traceback" not in text
     assert cli.main(["--cpu-fallback", "never", str(photos), "--device", "cpu", "--tiny", "--plan"]) == 0
+
+
+def test_a_stage_that_fits_on_a_smaller_rung_retries_on_the_gpu_though_no_whole_plan_fits(
+        photos, tmp_path, fake_table, monkeypatch, isolated_cache) -> None:  # fmt: skip
+    """6 views x 512: rgb needs 1.9 GiB at its smallest rung, mesh 2.5 GiB at any. A neighbour leaves 2.2 GiB
+    during rgb's first attempt (which then fails): no whole plan fits, but rgb does, so rgb retries on the GPU
+    on that rung; mesh, admitted in its turn, finds no rung that fits and runs on the CPU."""
+    monkeypatch.setenv("UP2YOU_FAULTS", "rgb:sleep:1:1,rgb:oom:1")
+    probe = SimulatedProbe(SimulatedGpu(24 * GiB, name="Sim 24G"))
+    out = tmp_path / "out"
+    job = JobDir(out / "job")
+    left = int(2.2 * GiB)
+    squeeze = 24 * GiB - left - 256 * 2**20  # what it leaves above the runner's reserve: 2.2 GiB
+
+    def neighbour() -> None:
+        deadline = time.monotonic() + 120
+        while not _request_exists(job, "rgb") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        probe.set_neighbour(0, squeeze)
+        while not _request_exists(job, "mesh", cpu=True) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        probe.set_neighbour(0, 0)
+
+    t = threading.Thread(target=neighbour, daemon=True)
+    t.start()
+    report = run_job(photos, out, RunOptions(vram="12GB", device="cpu", wait_for_vram_s=1, views=6, resolution=512),
+                     probe=probe, pipeline=FAKE, table=fake_table)  # fmt: skip
+    t.join()
+    assert report.ok, report.message
+    attempts = _ok_attempts(report)
+    first, second = attempts["rgb"]
+    assert first.outcome == "out of GPU memory" and second.outcome == "ok"
+    assert second.cpu_fallback == "" and second.reserved_bytes and second.reserved_bytes <= left
+    assert "rgb alone fits in 2.2 GiB on a smaller memory rung" in report.pipeline_result.replans[0].reason
+    [mesh] = attempts["mesh"]
+    assert mesh.cpu_fallback and "running mesh on the CPU" in mesh.cpu_fallback
+    assert report.pipeline_result.cpu_stages == ["mesh"]
+
+
+def test_when_the_retries_are_used_up_the_stage_runs_on_the_cpu(photos, tmp_path, fake_table, monkeypatch,
+                                                               isolated_cache) -> None:  # fmt: skip
+    monkeypatch.setenv("UP2YOU_FAULTS", "rgb:oom:2")  # attempts 1 and 2 (the GPU) fail; the third is on the CPU
+    probe = SimulatedProbe(SimulatedGpu(24 * GiB, name="Sim 24G"))
+    report = run_job(photos, tmp_path / "out", RunOptions(vram="12GB", device="cpu", max_retries=1), probe=probe,
+                     pipeline=FAKE, table=fake_table)  # fmt: skip
+    assert report.ok, report.message
+    rgb = _ok_attempts(report)["rgb"]
+    assert [(a.outcome, bool(a.cpu_fallback)) for a in rgb] == [("out of GPU memory", False),
+                                                                 ("out of GPU memory", False), ("ok", True)]
+    assert "--max-retries 1 is used up: running rgb on the CPU" in rgb[2].cpu_fallback
+    never = run_job(photos, tmp_path / "out2", RunOptions(vram="12GB", device="cpu", max_retries=1,
+                                                         cpu_fallback=False), probe=probe, pipeline=FAKE,
+                    table=fake_table)  # fmt: skip
+    assert never.exit_code == 75 and "--max-retries 1 is used up" in never.message
