@@ -307,6 +307,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results/chaos")))
     ap.add_argument("--part", default="", help="K/N: only the runs i with i %% N == K-1 of the seeded schedule")
+    ap.add_argument("--only", default="", help="2,5: only these runs of the seeded schedule (a rerun of some, e.g. "
+                    "under a newer version: --merge then keeps the newest row of each run and lists the older)")
     ap.add_argument("--merge", type=Path, nargs="+", help="chaos_part*.json files to join into chaos.json")
     args = ap.parse_args()
     if args.worker:
@@ -350,6 +352,9 @@ def main() -> int:
         if args.part:
             k, n = (int(x) for x in args.part.split("/"))
             grabs = [g for g in grabs if g.run % n == k - 1]
+        if args.only:
+            keep = {int(x) for x in args.only.split(",")}
+            grabs = [g for g in grabs if g.run in keep]
         results = _parallel([(gr, gr.gpu) for gr in grabs], photos, args, uuids)
         rows = [summarise(gr, rep, wall, base[gr.gpu][1], lines, table.context_bytes, t0)
                 for gr, (rep, wall, lines, t0) in zip(grabs, results, strict=True)]  # fmt: skip
@@ -358,14 +363,16 @@ def main() -> int:
             f.kill()
             f.wait()
     summary = summarise_all(rows, time.monotonic() - t_all)
-    meta = {"part": args.part or "all", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": _git(), "gpus": gpu_meta, "card_gib": args.card_gib,
+    tag = args.part or (f"runs {args.only}" if args.only else "all")
+    meta = {"part": tag, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": _git(), "gpus": gpu_meta, "card_gib": args.card_gib,
             "vram": args.vram, "wait_for_vram_s": args.wait_for_vram, "cpu_fallback": args.cpu_fallback,
             "seed": args.seed, "tiny": args.tiny,
             "device": args.device, "plan": "6 views, 512 px, 10 steps, THG 3, 100 mesh iterations, full-random",
             "table": f"{table.name}@v{table.version}", "torch": _torch_version(), "python": sys.version.split()[0],
             "baselines": {g: {"wall_s": round(r[1], 2), "plan": r[0].get("plan_label"), "ok": r[0].get("ok")}
                           for g, r in base.items()}}  # fmt: skip
-    name = f"chaos_part{args.part.split('/')[0]}.json" if args.part else "chaos.json"
+    name = (f"chaos_part{args.part.split('/')[0]}.json" if args.part else
+            f"chaos_runs{'-'.join(args.only.split(','))}.json" if args.only else "chaos.json")  # fmt: skip
     return write(args.out / name, meta, rows, summary)
 
 
@@ -394,9 +401,19 @@ def write(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], summary:
 
 def merge(parts: list[Path], out: Path) -> int:
     """Join --part results (same seed and settings) into one chaos.json, runs in schedule order."""
-    loaded = [json.loads(p.read_text()) for p in parts]
-    rows = sorted((r for d in loaded for r in d["runs"]), key=lambda r: r["run"])
-    meta = {**loaded[0]["meta"], "part": "merged", "parts": [d["meta"] for d in loaded]}
+    loaded = sorted((json.loads(p.read_text()) for p in parts), key=lambda d: d["meta"]["date"])
+    newest: dict[int, dict[str, Any]] = {}
+    superseded = []
+    for d in loaded:  # oldest first: a run measured again (--only) keeps its newest row
+        for r in d["runs"]:
+            if r["run"] in newest:
+                old = newest[r["run"]]
+                superseded.append({"run": r["run"], "ok": old["ok"], "exit_code": old["exit_code"],
+                                   "message": old["message"], "measured": old["_date"], "git": old["_git"]})
+            newest[r["run"]] = {**r, "_date": d["meta"]["date"], "_git": d["meta"].get("git")}
+    rows = [{**{k: v for k, v in r.items() if not k.startswith("_")}, "measured": r["_date"], "git": r["_git"]}
+            for _, r in sorted(newest.items())]
+    meta = {**loaded[-1]["meta"], "part": "merged", "parts": [d["meta"] for d in loaded], "superseded": superseded}
     return write(out / "chaos.json", meta, rows, summarise_all(rows, sum(d["summary"]["total_s"] for d in loaded)))
 
 

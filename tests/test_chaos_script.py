@@ -62,3 +62,28 @@ def test_the_stages_that_ran_on_the_cpu_are_read_from_run_json_and_counted() -> 
     rows = [{**row, "cpu_stages": ["rgb", "mesh"]}, {**row, "cpu_stages": []}, row]  # the last: an older part
     summary = chaos.summarise_all(rows, 10.0)
     assert (summary["finished"], summary["ran_on_cpu"], summary["cpu_stages"]) == (3, 1, 2)
+
+
+def test_merge_keeps_the_newest_row_of_a_run_measured_again_and_lists_the_older(tmp_path: Path) -> None:
+    import json
+
+    grab = {"gpu": "0", "target": "rgb", "at_s": 1.0, "fraction": 0.8, "hold_s": -1.0, "grabbed_bytes": 0,
+            "grab_s": 1.0, "stage_hit": "rgb", "oom_stages": [], "replans": [], "time_lost_s": 0.0,
+            "recomputed": [], "peak_nvml_bytes": 0, "cap_bytes": 1, "peak_within_cap": True}  # fmt: skip
+
+    def part(name: str, date: str, runs: dict[int, bool]) -> Path:
+        rows = [{**grab, "run": i, "ok": ok, "exit_code": 0 if ok else 75, "message": "m", "cpu_stages": []}
+                for i, ok in runs.items()]
+        path = tmp_path / name
+        path.write_text(json.dumps({"meta": {"date": date, "git": name}, "summary": {"total_s": 5.0}, "runs": rows}))
+        return path
+
+    old1 = part("p1", "2026-12-01T21:00:00", {0: True, 2: False})
+    old2 = part("p2", "2026-12-01T21:10:00", {1: True})
+    again = part("again", "2026-12-02T00:00:00", {2: True, 3: True})
+    assert chaos.merge([again, old1, old2], tmp_path / "out") == 0  # every run's newest row finished
+    merged = json.loads((tmp_path / "out" / "chaos.json").read_text())
+    assert [(r["run"], r["ok"], r["git"]) for r in merged["runs"]] == [(0, True, "p1"), (1, True, "p2"),
+                                                                         (2, True, "again"), (3, True, "again")]
+    assert [(s["run"], s["ok"], s["git"]) for s in merged["meta"]["superseded"]] == [(2, False, "p1")]
+    assert merged["summary"]["runs"] == 4 and merged["summary"]["finished"] == 4
