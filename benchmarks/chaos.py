@@ -269,7 +269,13 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
             assert neighbour.stdout is not None
             first.append(json.loads(neighbour.stdout.readline()))
     t = time.monotonic()
-    proc = subprocess.run(_job_cmd(photos, out, args, gpu), env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(_job_cmd(photos, out, args, gpu), env=env, capture_output=True, text=True,
+                              timeout=args.run_timeout or None)  # fmt: skip
+        stopped = ""
+    except subprocess.TimeoutExpired:  # the job is killed; its stages die with it (stages.lifeline)
+        proc = subprocess.CompletedProcess([], -9, "", "")
+        stopped = f"stopped by --run-timeout {args.run_timeout:g} s while still running"
     wall = time.monotonic() - t
     if simulated is not None:
         stop.set()
@@ -280,8 +286,8 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
         stdout, _ = neighbour.communicate()
         lines += [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
     report_path = out / "run.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {
-        "ok": False, "exit_code": proc.returncode, "message": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    report = json.loads(report_path.read_text()) if report_path.exists() and not stopped else {
+        "ok": False, "exit_code": proc.returncode, "message": stopped or (proc.stderr.strip().splitlines() or ["?"])[-1]}
     t0 = float((out / T0_FILE).read_text()) if (out / T0_FILE).exists() else None
     return report, wall, lines, t0
 
@@ -302,6 +308,8 @@ def main() -> int:
     ap.add_argument("--cpu-fallback", choices=("auto", "never"), default="auto",
                     help="the jobs' --cpu-fallback: auto runs a stage no GPU plan fits on the CPU; never exits 75")
     ap.add_argument("--seed", type=int, default=10)
+    ap.add_argument("--run-timeout", type=float, default=0.0, help="stop a run still going after this many s "
+                    "(0: never): a row that says so instead of a lost session")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--work", type=Path, default=None)
