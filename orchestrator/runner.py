@@ -266,6 +266,10 @@ class Runner:
             if attempt.exit_code != EXIT_OOM:
                 code = attempt.exit_code if attempt.exit_code and attempt.exit_code > 0 else 1
                 raise StageFailed(code, f"stage {spec.name} failed ({attempt.outcome}): {attempt.message}")
+            if attempt.cpu_fallback:  # the CPU attempt ran out of (host) memory: no rung is left below it
+                raise StageFailed(EXIT_OOM, f"stage {spec.name} ran out of memory on the CPU too (the last rung, "
+                                            f"taken because the GPU had too little): free host or GPU memory and "
+                                            f"rerun to resume; see {self.ctx.job.path(spec.name, 'log.txt')}")  # fmt: skip
             if self.retries >= self.ctx.max_retries:
                 if self._may_fall_back():
                     self._fall_back_to_cpu(spec, f"{spec.name}: ran out of GPU memory {self.tries[spec.name]} "

@@ -98,14 +98,19 @@ def test_oom_in_a_middle_stage_degrades_learns_and_completes(photos, tmp_path, g
 
 
 def test_oom_gives_up_after_max_retries_with_every_attempt(photos, tmp_path, gpu24, fake_table, monkeypatch) -> None:
-    monkeypatch.setenv("UP2YOU_FAULTS", "rgb:oom:99")
-    report = _run(photos, tmp_path / "out", gpu24, fake_table, max_retries=1)
+    monkeypatch.setenv("UP2YOU_FAULTS", "rgb:oom:99")  # every attempt fails, wherever it runs
+    report = _run(photos, tmp_path / "out", gpu24, fake_table, max_retries=1, cpu_fallback=False)
     assert not report.ok and report.exit_code == 75
     assert "--max-retries 1" in report.message
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert [a["outcome"] for a in record["attempts"] if a["stage"] == "rgb"] == ["out of GPU memory"] * 2
     assert "mesh" not in [a["stage"] for a in record["attempts"]]
     assert not _our_processes(str(tmp_path / "out"))
+    # with the CPU rung (the default) the retries used up lead to one CPU attempt; when that fails too, it stops
+    report = _run(photos, tmp_path / "out2", gpu24, fake_table, max_retries=1)
+    assert report.exit_code == 75 and "ran out of memory on the CPU too" in report.message
+    rgb = [a for a in report.pipeline_result.attempts if a.stage == "rgb"]
+    assert [bool(a.cpu_fallback) for a in rgb] == [False, False, True]
 
 
 def test_a_crash_stops_with_the_stage_message(photos, tmp_path, gpu24, fake_table, monkeypatch) -> None:
