@@ -105,8 +105,9 @@ class Candidate:
     def label(self) -> str:
         chunk = self.plan.mesh_view_chunk
         mesh = f", mesh views in chunks of {chunk}" if 0 < chunk < self.plan.views else ""
+        video = f", video frames {self.plan.video_chunk} at a time" if self.plan.video_chunk < VIDEO_CHUNK else ""
         speed = f"{self.speed.label}, " if self.speed is not None and self.speed.label else ""
-        return f"{self.plan.views} views, {self.plan.resolution} px, {speed}{self.step.label}{mesh}"
+        return f"{self.plan.views} views, {self.plan.resolution} px, {speed}{self.step.label}{mesh}{video}"
 
 
 @dataclass(frozen=True)
@@ -227,19 +228,41 @@ def mesh_view_chunks(views: int) -> list[int]:
     return [0] + [k for k in range(views - 1, 0, -1) if views % k == 0]
 
 
+VIDEO_CHUNK = Plan().video_chunk  # frames rasterised per batch by default (the measured setting)
+
+
+def video_chunks(default: int = VIDEO_CHUNK) -> list[int]:
+    """video_chunk values from fastest to leanest: the default, then halves down to one frame at a time.
+    Memory only: the frames are the same however many are rasterised together."""
+    out = [default]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _fits(stage: str, plan: Plan, n_refs: int, table: BudgetTable, budget_bytes: int,
+          factors: Mapping[str, float] | None) -> bool:
+    pred = predict(stage, plan, n_refs, table).scaled((factors or {}).get(stage, 1.0))
+    return pred.total_bytes + table.margin(pred.allocator_bytes) <= budget_bytes
+
+
 def with_stage_knobs(
     cand: Candidate, pipeline: Pipeline, table: BudgetTable, n_refs: int, budget_bytes: int,
     factors: Mapping[str, float] | None = None,
 ) -> Candidate:  # fmt: skip
-    """`cand` with the cheapest mesh_view_chunk that lets the mesh stage fit (the leanest if none does)."""
-    if "mesh" not in pipeline.names or not pipeline["mesh"].gpu:
-        return cand
+    """`cand` with the cheapest mesh_view_chunk and video_chunk that let the mesh and video stages fit (the
+    leanest where none does)."""
     plan = cand.plan
-    for chunk in mesh_view_chunks(plan.views):
-        plan = cand.plan.replace(mesh_view_chunk=chunk)
-        pred = predict("mesh", plan, n_refs, table).scaled((factors or {}).get("mesh", 1.0))
-        if pred.total_bytes + table.margin(pred.allocator_bytes) <= budget_bytes:
-            break
+    if "mesh" in pipeline.names and pipeline["mesh"].gpu:
+        for chunk in mesh_view_chunks(plan.views):
+            plan = plan.replace(mesh_view_chunk=chunk)
+            if _fits("mesh", plan, n_refs, table, budget_bytes, factors):
+                break
+    if "video" in pipeline.names and pipeline["video"].gpu:
+        for frames in video_chunks(cand.plan.video_chunk):
+            plan = plan.replace(video_chunk=frames)
+            if _fits("video", plan, n_refs, table, budget_bytes, factors):
+                break
     return Candidate(plan, cand.quality_rank, cand.step, cand.speed)
 
 
@@ -328,6 +351,9 @@ def _degradations(
             out.append(f"{knob} {a} -> {b} (memory only, slower)")
     if 0 < chosen.plan.mesh_view_chunk < chosen.plan.views:
         out.append(f"mesh views all -> chunks of {chosen.plan.mesh_view_chunk} (memory only, same result, slower)")
+    if chosen.plan.video_chunk < best.plan.video_chunk:
+        out.append(f"video frames {best.plan.video_chunk} -> {chosen.plan.video_chunk} at a time (memory only, same "
+                   "frames, slower)")  # fmt: skip
     return tuple(out)
 
 
@@ -337,9 +363,10 @@ def same_quality(plan: Plan, base: Plan, constraints: Constraints) -> list[Candi
     same = (plan.views, plan.resolution, plan.steps, plan.thg_interval)
     rungs = [c for c in candidates(base, constraints)
              if (c.plan.views, c.plan.resolution, c.plan.steps, c.plan.thg_interval) == same]  # fmt: skip
-    # the mesh fit's view chunks are memory-only too: each rung also in every chunking, all views first
-    return [Candidate(c.plan.replace(mesh_view_chunk=k), c.quality_rank, c.step, c.speed)
-            for c in rungs for k in mesh_view_chunks(plan.views)]  # fmt: skip
+    # the mesh fit's view chunks and the video's frame chunks are memory-only too: each rung also in every
+    # chunking, the fastest first
+    return [Candidate(c.plan.replace(mesh_view_chunk=k, video_chunk=f), c.quality_rank, c.step, c.speed)
+            for c in rungs for k in mesh_view_chunks(plan.views) for f in video_chunks(base.video_chunk)]  # fmt: skip
 
 
 def choice_of(

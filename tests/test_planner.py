@@ -12,6 +12,7 @@ from orchestrator.planner import (
     choose_plan,
     evaluate,
     mesh_view_chunks,
+    video_chunks,
 )
 from stages.spec import UP2YOU
 
@@ -73,7 +74,8 @@ def test_below_minimum_names_the_minimum_plan(table) -> None:
     assert 2 * GiB < e.minimum_bytes < 4 * GiB
     assert "below the minimum of any plan" in str(e)
     assert "512 px" in str(e) and "offload" in str(e)
-    assert e.stage == "video"  # not mesh: with its views in chunks the mesh fit no longer sets the floor
+    # not mesh, nor video: with the mesh views and the video frames in chunks, the normal diffusion sets the floor
+    assert e.stage == "normal" and "video frames 1 at a time" in str(e)
     suggested = float(str(e).split("--vram ")[1].split("GB")[0])
     assert e.minimum_bytes / GiB <= suggested <= e.minimum_bytes / GiB + 0.2
     # the minimum really is enough
@@ -150,3 +152,18 @@ def test_mesh_view_chunk_is_not_part_of_any_cache_key() -> None:
     from stages.plan import Plan
 
     assert UP2YOU.keys(Plan(), "in") == UP2YOU.keys(Plan(mesh_view_chunk=5), "in")
+
+
+def test_video_frames_go_in_smaller_batches_only_when_the_default_does_not_fit(table) -> None:
+    assert video_chunks() == [8, 4, 2, 1]
+    roomy = _choose(table, 12).plan
+    assert roomy.video_chunk == 8
+    tight = _choose(table, 3.5)  # just above the floor
+    p = tight.plan
+    assert p.video_chunk < 8 and f"video frames {p.video_chunk} at a time" in tight.candidate.label
+    video = next(f for f in tight.fits if f.stage == "video")
+    assert video.fits
+    bigger = evaluate(p.replace(video_chunk=p.video_chunk * 2), UP2YOU, table, 6, int(3.5 * GiB))
+    assert not next(f for f in bigger if f.stage == "video").fits  # the largest batch that fits, not smaller
+    assert any("video frames 8 ->" in d for d in tight.degradations)
+    assert UP2YOU.keys(p, "in") == UP2YOU.keys(p.replace(video_chunk=8), "in")  # memory only: no key changes
