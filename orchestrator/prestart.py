@@ -92,8 +92,6 @@ def pending_growth(rss_and_footprints: Iterable[tuple[int, int]]) -> int:
     return sum(max(0, footprint - rss) for rss, footprint in rss_and_footprints)
 
 
-
-
 def startup_report(attempts: Sequence[Any], manifests: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Per stage (last attempt that ran): start-up hidden behind earlier stages, and start-up NOT hidden.
 

@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
+
 from stages import lifeline
 from stages.spec import StageSpec
 
@@ -144,8 +146,6 @@ class StageProcess:
 
 def process_rss(pids: Sequence[int]) -> int:
     """Resident bytes of a process and its children (0 once gone)."""
-    import psutil
-
     total = 0
     for pid in pids:
         try:

@@ -122,8 +122,12 @@ class PipelineResult:
 
     @property
     def cpu_stages(self) -> list[str]:
-        """The stages whose finished attempt ran on the CPU for lack of GPU memory, in order."""
-        return [a.stage for a in self.attempts if a.cpu_fallback and a.outcome == "ok"]
+        return cpu_stages(self.attempts)
+
+
+def cpu_stages(attempts: list[Attempt]) -> list[str]:
+    """The stages whose finished attempt ran on the CPU for lack of GPU memory, in order."""
+    return [a.stage for a in attempts if a.cpu_fallback and a.outcome == "ok"]
 
 
 @dataclass
@@ -217,7 +221,7 @@ class Runner:
         code, message = EXIT_OK, "done"
         try:
             self._loop()
-            cpu = [a.stage for a in self.attempts if a.cpu_fallback and a.outcome == "ok"]
+            cpu = cpu_stages(self.attempts)
             if cpu:
                 message = (f"done; {', '.join(cpu)} ran on the CPU (no GPU plan fit the memory that was free; "
                            f"see cpu_stages in run.json)")  # fmt: skip
@@ -347,10 +351,7 @@ class Runner:
         if self.admitter is None or self._fit(spec.name) is None or self._on_cpu(spec):
             return None
         ctx = self.ctx
-        rungs = [choice_of(c, ctx.pipeline, ctx.table, ctx.n_refs, self.budget, ctx.corrections.factors(),
-                           self.choice.degradations)
-                 for c in same_quality(self.choice.plan, ctx.base, ctx.constraints)]  # fmt: skip
-        rungs = rungs or [self.choice]
+        rungs = self._rungs() or [self.choice]
         sizes = [next(f.need_bytes for f in r.fits if f.stage == spec.name) for r in rungs]
         current = self._fit(spec.name)
         cap = self.budget if ctx.vram_cap is not None else None
@@ -513,22 +514,27 @@ class Runner:
                 # retry it on the GPU; admission picks the rung, and each later stage is admitted in its turn
                 return self.choice, (f"{reason}; {spec.name} alone fits in {gib(free - AUTO_RESERVE)} on a "
                                      f"smaller memory rung ({gib(smallest)}): retried on the GPU")  # fmt: skip
-            short = free is not None and self.ctx.gpu is not None and free - AUTO_RESERVE < exc.minimum_bytes
-            room = (f"{gib(free)} free and unreserved on GPU {self.ctx.gpu.index} after the failure"
-                    if short and self.ctx.gpu is not None else f"the budget is {gib(exc.budget_bytes)}")  # fmt: skip
+            gpu = self.ctx.gpu
+            short = free is not None and gpu is not None and free - AUTO_RESERVE < exc.minimum_bytes
+            room = (f"{gib(free or 0)} free and unreserved on GPU {gpu.index} after the failure"
+                    if short and gpu is not None else f"the budget is {gib(exc.budget_bytes)}")  # fmt: skip
             why = (f"{spec.name}: {room}; the smallest plan needs {gib(exc.minimum_bytes)}: running {spec.name} "
                    f"on the CPU (slow; nothing recomputed)")  # fmt: skip
             self._fall_back_to_cpu(spec, why, announce=False)  # the re-plan line says it
             return self.choice, f"{reason}; {why}"
         return choice, reason + lowered
 
+    def _rungs(self) -> list[PlanChoice]:
+        """The memory-only alternatives to the current plan (same views, pixels, steps), fastest first."""
+        ctx = self.ctx
+        return [choice_of(c, ctx.pipeline, ctx.table, ctx.n_refs, self.budget, ctx.corrections.factors(),
+                          self.choice.degradations)
+                for c in same_quality(self.choice.plan, ctx.base, ctx.constraints)]  # fmt: skip
+
     def _smallest_rung(self, spec: StageSpec) -> int | None:
         """The least this stage needs on any memory rung of the current quality (views, pixels): what
         admission can still reserve for it. None when the stage has no GPU fit (nothing to reserve)."""
-        ctx = self.ctx
-        sizes = [f.need_bytes for c in same_quality(self.choice.plan, ctx.base, ctx.constraints)
-                 for f in choice_of(c, ctx.pipeline, ctx.table, ctx.n_refs, self.budget, ctx.corrections.factors(),
-                                    self.choice.degradations).fits if f.stage == spec.name]  # fmt: skip
+        sizes = [f.need_bytes for r in self._rungs() for f in r.fits if f.stage == spec.name]
         return min(sizes) if sizes else None
 
     def _free_now(self) -> int | None:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from up2you.meta_init import is_meta
+
 ATTN1_SUFFIX = ".attn1"
 PROCESSOR_PARAMS = ("to_q_mv", "to_k_mv", "to_v_mv", "to_out_mv", "to_q_ref", "to_k_ref", "to_v_ref", "to_out_ref")
 
@@ -145,7 +147,7 @@ def install_processors(unet: nn.Module, context: AttentionContext) -> dict[str, 
         if isinstance(module, Attention) and name.endswith(ATTN1_SUFFIX):
             dim = module.to_q.in_features
             proc = MVRefAttnProcessor(dim, name, context)
-            if not any(p.is_meta for p in proc.parameters()):  # on meta, the load gives them their values
+            if not is_meta(proc):  # on meta, the load gives them their values
                 proc.to(device=module.to_q.weight.device, dtype=module.to_q.weight.dtype)
             module.set_processor(proc)
             procs[name] = proc
