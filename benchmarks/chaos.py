@@ -410,17 +410,15 @@ def write(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], summary:
 def merge(parts: list[Path], out: Path) -> int:
     """Join --part results (same seed and settings) into one chaos.json, runs in schedule order."""
     loaded = sorted((json.loads(p.read_text()) for p in parts), key=lambda d: d["meta"]["date"])
-    newest: dict[int, dict[str, Any]] = {}
+    newest: dict[int, dict[str, Any]] = {}  # run -> its row, with when and at which commit it was measured
     superseded = []
     for d in loaded:  # oldest first: a run measured again (--only) keeps its newest row
         for r in d["runs"]:
             if r["run"] in newest:
                 old = newest[r["run"]]
-                superseded.append({"run": r["run"], "ok": old["ok"], "exit_code": old["exit_code"],
-                                   "message": old["message"], "measured": old["_date"], "git": old["_git"]})
-            newest[r["run"]] = {**r, "_date": d["meta"]["date"], "_git": d["meta"].get("git")}
-    rows = [{**{k: v for k, v in r.items() if not k.startswith("_")}, "measured": r["_date"], "git": r["_git"]}
-            for _, r in sorted(newest.items())]
+                superseded.append({k: old[k] for k in ("run", "ok", "exit_code", "message", "measured", "git")})
+            newest[r["run"]] = {**r, "measured": d["meta"]["date"], "git": d["meta"].get("git")}
+    rows = [r for _, r in sorted(newest.items())]
     meta = {**loaded[-1]["meta"], "part": "merged", "parts": [d["meta"] for d in loaded], "superseded": superseded}
     return write(out / "chaos.json", meta, rows, summarise_all(rows, sum(d["summary"]["total_s"] for d in loaded)))
 
