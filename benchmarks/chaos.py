@@ -85,6 +85,7 @@ NEIGHBOUR = ("import json, os, sys, time, torch\n"
              "    print(json.dumps({'released_at': time.time()}), flush=True)\n"
              "time.sleep(86400)\n")  # fmt: skip
 T0_FILE = "job_t0"  # in the run's folder: wall-clock time at which the worker called run_job
+WALL_FILE = "chaos_wall_s"  # in the run's folder: its wall time so far (--resume adds to it)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ def summarise(grab: Grab, report: dict[str, Any], wall: float, baseline_wall: fl
                                                           for p in report.get("replans", [])],
         "plan_final": report.get("plan_label"), "ok": bool(report.get("ok")), "exit_code": report.get("exit_code"),
         "message": report.get("message"), "wall_s": round(wall, 2), "time_lost_s": round(wall - baseline_wall, 2),
+        "resumed_after_s": report.get("resumed_after_s"),
         "recomputed": recomputed(attempts), "cpu_stages": cpu_stages(report), "peak_nvml_bytes": peak, "cap_bytes": cap, "peak_within_cap": under,
     }  # fmt: skip
 
@@ -242,7 +244,12 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
     """One job, with its neighbour when `grab` is given; returns (run.json, wall s, neighbour's lines, job t0)."""
     gpu = grab.gpu if grab else args.gpus[0]
     out = work / (f"run_{grab.run:02d}" if grab else f"baseline_gpu{gpu}")
-    shutil.rmtree(out, ignore_errors=True)
+    earlier_wall = 0.0
+    if args.resume and (out / WALL_FILE).exists():  # a run stopped by --run-timeout goes on where it was
+        earlier_wall = float((out / WALL_FILE).read_text())
+        (out / T0_FILE).unlink(missing_ok=True)  # the neighbour times its grab from this start
+    else:
+        shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "UP2YOU_CACHE_DIR": str(out.parent / f"cache_{out.name}")}  # corrections learned per run
     neighbour = None
     first: list[dict[str, Any]] = []
@@ -276,7 +283,9 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
     except subprocess.TimeoutExpired:  # the job is killed; its stages die with it (stages.lifeline)
         proc = subprocess.CompletedProcess([], -9, "", "")
         stopped = f"stopped by --run-timeout {args.run_timeout:g} s while still running"
-    wall = time.monotonic() - t
+    wall = time.monotonic() - t + earlier_wall
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WALL_FILE).write_text(repr(wall))
     if simulated is not None:
         stop.set()
         simulated.join()
@@ -289,7 +298,19 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
     report = json.loads(report_path.read_text()) if report_path.exists() and not stopped else {
         "ok": False, "exit_code": proc.returncode, "message": stopped or (proc.stderr.strip().splitlines() or ["?"])[-1]}
     t0 = float((out / T0_FILE).read_text()) if (out / T0_FILE).exists() else None
+    if earlier_wall:
+        report["resumed_after_s"] = round(earlier_wall, 2)
     return report, wall, lines, t0
+
+
+def replayed(path: Path, gpus: list[str]) -> tuple[dict[str, Any], list[Grab]]:
+    """The grabs and baselines an earlier chaos JSON recorded, so a rerun meets exactly the same neighbour."""
+    earlier = json.loads(path.read_text())
+    fields = Grab.__dataclass_fields__
+    grabs = [Grab(**{k: r[k] for k in fields}) for r in earlier["runs"] if r["gpu"] in gpus]
+    base = {g: ({"ok": b["ok"], "plan_label": b["plan"], "replayed": True}, b["wall_s"], [], None)
+            for g, b in earlier["meta"]["baselines"].items() if g in gpus}  # fmt: skip
+    return base, grabs
 
 
 def timeline(report: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -318,6 +339,10 @@ def main() -> int:
     ap.add_argument("--only", default="", help="2,5: only these runs of the seeded schedule (a rerun of some, e.g. "
                     "under a newer version: --merge then keeps the newest row of each run and lists the older)")
     ap.add_argument("--merge", type=Path, nargs="+", help="chaos_part*.json files to join into chaos.json")
+    ap.add_argument("--replay", type=Path, default=None, help="an earlier chaos JSON: rerun its rows (with --only, "
+                    "those) with the very grabs it recorded, against its recorded baseline (no baseline run)")
+    ap.add_argument("--resume", action="store_true", help="keep a run's job folder under --work (a run stopped "
+                    "by --run-timeout goes on from its last finished stage; its earlier wall time is added)")
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
@@ -352,11 +377,14 @@ def main() -> int:
             con.print(f.stdout.readline().strip())
     t_all = time.monotonic()
     try:
-        baselines = _parallel([(None, g) for g in args.gpus], photos, args, uuids)
-        base = {g: r for (g, r) in zip(args.gpus, baselines, strict=True)}
+        if args.replay:
+            base, grabs = replayed(args.replay, args.gpus)
+        else:
+            baselines = _parallel([(None, g) for g in args.gpus], photos, args, uuids)
+            base = {g: r for (g, r) in zip(args.gpus, baselines, strict=True)}
+            grabs = schedule(args.runs, args.gpus, {g: timeline(r[0]) for g, r in base.items()}, args.seed)
         for g, (rep, wall, _, _) in base.items():
             con.print(f"baseline GPU {g}: {wall:.1f} s, ok={rep.get('ok')} {rep.get('plan_label')}")
-        grabs = schedule(args.runs, args.gpus, {g: timeline(r[0]) for g, r in base.items()}, args.seed)
         if args.part:
             k, n = (int(x) for x in args.part.split("/"))
             grabs = [g for g in grabs if g.run % n == k - 1]
@@ -372,6 +400,8 @@ def main() -> int:
             f.wait()
     summary = summarise_all(rows, time.monotonic() - t_all)
     tag = args.part or (f"runs {args.only}" if args.only else "all")
+    if args.replay:
+        tag += f" (replayed from {args.replay.name}: its grabs and baseline)"
     meta = {"part": tag, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": _git(), "gpus": gpu_meta, "card_gib": args.card_gib,
             "vram": args.vram, "wait_for_vram_s": args.wait_for_vram, "cpu_fallback": args.cpu_fallback,
             "seed": args.seed, "tiny": args.tiny,
