@@ -59,6 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from benchmarks.provenance import git_commit, torch_version  # noqa: E402
+
 GiB = 2**30
 STAGES = ("segment", "features", "apose", "weights", "rgb", "normal", "mesh", "video")
 con = Console(width=180)
@@ -402,11 +404,11 @@ def main() -> int:
     tag = args.part or (f"runs {args.only}" if args.only else "all")
     if args.replay:
         tag += f" (replayed from {args.replay.name}: its grabs and baseline)"
-    meta = {"part": tag, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": _git(), "gpus": gpu_meta, "card_gib": args.card_gib,
+    meta = {"part": tag, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": git_commit(), "gpus": gpu_meta, "card_gib": args.card_gib,
             "vram": args.vram, "wait_for_vram_s": args.wait_for_vram, "cpu_fallback": args.cpu_fallback,
             "seed": args.seed, "tiny": args.tiny,
             "device": args.device, "plan": "6 views, 512 px, 10 steps, THG 3, 100 mesh iterations, full-random",
-            "table": f"{table.name}@v{table.version}", "torch": _torch_version(), "python": sys.version.split()[0],
+            "table": f"{table.name}@v{table.version}", "torch": torch_version(), "python": sys.version.split()[0],
             "baselines": {g: {"wall_s": round(r[1], 2), "plan": r[0].get("plan_label"), "ok": r[0].get("ok")}
                           for g, r in base.items()}}  # fmt: skip
     name = (f"chaos_part{args.part.split('/')[0]}.json" if args.part else
@@ -495,23 +497,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                   "yes" if r["ok"] else f"NO ({r['exit_code']})", ",".join(r["recomputed"]) or "none",
                   f"{r['peak_nvml_bytes'] / GiB:.2f}/{r['cap_bytes'] / GiB:.2f}" + ("" if r["peak_within_cap"] else " OVER"))  # fmt: skip
     con.print(t)
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    except OSError:
-        return ""
-
-
-def _torch_version() -> str:
-    try:
-        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__, torch.version.cuda)"],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
-        return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
+from benchmarks.provenance import git_commit, torch_version  # noqa: E402
 from orchestrator.calibrate import write_photos  # noqa: E402
 from orchestrator.fleet.queue import FleetOptions, parse_gpus, run_fleet  # noqa: E402
 from orchestrator.fleet.subjects import detect_subjects  # noqa: E402
@@ -77,9 +77,8 @@ def _max_concurrent(rows: list[dict[str, Any]]) -> int:
 
 
 def provenance(args: argparse.Namespace) -> dict[str, Any]:
-    torch = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True,
-                           text=True).stdout.strip()  # fmt: skip
-    meta: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch, "cpus": os.cpu_count(),
+    meta: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch_version(),
+                            "git": git_commit(), "cpus": os.cpu_count(),
                             "vram": args.vram, "steps": args.steps, "mesh_iters": args.mesh_iters,
                             "tiny": args.tiny, "device": args.device, "gpus_option": args.gpus}  # fmt: skip
     if args.device != "cpu":

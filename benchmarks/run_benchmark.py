@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from benchmarks.provenance import git_commit, torch_version  # noqa: E402
 from budgets import comfy_heuristic  # noqa: E402
 from budgets.table import BudgetTable, load_table, predict  # noqa: E402
 from orchestrator.calibrate import write_photos  # noqa: E402
@@ -298,7 +299,8 @@ def main() -> int:
             con.print(f"  {runs[n]['plan_label']}: {runs[n]['wall_s']:.1f} s, ok={runs[n]['ok']} {runs[n]['message']}")
         meta = {"gpu": gpu.name, "gpu_total_bytes": gpu.total, "table": f"{table.name}@v{table.version} ({table.path})",
                 "steps": 10 if args.quick else args.steps, "quick": args.quick, "profile": args.profile,
-                "weights": written, "date": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+                "weights": written, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": git_commit(),
+                "torch": torch_version()}  # fmt: skip
     result = {"meta": meta, "runs": runs, "goals": goals(runs)}
     (args.out / "benchmark.json").write_text(json.dumps(result, indent=1, default=str))
     print_table(runs)

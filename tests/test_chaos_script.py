@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -87,3 +88,15 @@ def test_merge_keeps_the_newest_row_of_a_run_measured_again_and_lists_the_older(
                                                                          (2, True, "again"), (3, True, "again")]
     assert [(s["run"], s["ok"], s["git"]) for s in merged["meta"]["superseded"]] == [(2, False, "p1")]
     assert merged["summary"]["runs"] == 4 and merged["summary"]["finished"] == 4
+
+
+def test_a_replay_meets_the_recorded_grabs_against_the_recorded_baseline(tmp_path: Path) -> None:
+    grabs = chaos.schedule(6, ["0", "1"], {"0": TIMELINE, "1": TIMELINE}, seed=5)
+    rows = [{**vars(g), "ok": False, "exit_code": -9} for g in grabs]  # a row carries its grab's fields and more
+    earlier = {"meta": {"baselines": {"0": {"wall_s": 37.3, "plan": "6 views", "ok": True},
+                                      "1": {"wall_s": 40.0, "plan": "6 views", "ok": True}}}, "runs": rows}  # fmt: skip
+    path = tmp_path / "chaos_runs.json"
+    path.write_text(json.dumps(earlier))
+    base, replayed = chaos.replayed(path, ["1"])
+    assert replayed == [g for g in grabs if g.gpu == "1"] and len(replayed) == 3
+    assert set(base) == {"1"} and base["1"][1] == 40.0 and base["1"][0]["ok"] is True

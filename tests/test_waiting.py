@@ -64,6 +64,7 @@ def test_a_neighbour_that_gives_memory_back_is_waited_for_and_the_plan_is_kept(p
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert err.count("waiting (up to 60 s: --wait-for-vram)") == 1  # said once, not once per poll
     assert "has 4.0 GiB free and unreserved, rgb needs" in err
+    assert "plus 0.2 GiB kept free; waiting" in err  # the reserve is named, so the numbers add up
     record = json.loads((out / "run.json").read_text())
     assert record["waits"][0]["stage"] == "rgb" and record["waits"][0]["seconds"] >= 1.0
     # the stage was capped at what it reserved, and the reservation is gone with the process
