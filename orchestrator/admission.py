@@ -109,7 +109,8 @@ class Admitter:
         self.last_kind = ""  # what the last admit call found holding the memory: siblings | foreign
         self.last_wait: Wait | None = None  # the wait of the last admit call, if it waited
 
-    def _gpu(self) -> GpuInfo:
+    def current_gpu(self) -> GpuInfo:
+        """Our GPU as the probe sees it now (free memory changes)."""
         if self.probe is not None:
             for g in self.probe.gpus():
                 if g.uuid == self.gpu.uuid:
@@ -132,7 +133,7 @@ class Admitter:
             while True:
                 if process_start(pid) is None:
                     raise StageGone(pid)
-                gpu = self._gpu()
+                gpu = self.current_gpu()
                 r = self.ledger.reserve_first_fit(gpu, self.job_id, stage, pid, sizes, ticket=ticket,
                                                   keep_free=self.keep_free, cap=cap)  # fmt: skip
                 if r is not None:

@@ -13,7 +13,7 @@ from budgets.timing import StageSeconds
 from orchestrator.ledger import LedgerView
 from orchestrator.planner import PlanChoice, StageFit
 from orchestrator.probe import GpuInfo
-from orchestrator.runner import Attempt, Replan
+from orchestrator.runner import HANDED_BACK, Attempt, Replan
 from orchestrator.sizes import gib
 from stages.spec import Pipeline
 
@@ -131,6 +131,9 @@ class ProgressPrinter:
             line += f", {a.hidden_startup_s:.1f} s of start-up hidden"
         if a.ready_s is not None and a.ready_s - a.started_s > 0.05:
             line += f", {a.ready_s - a.started_s:.1f} s waited for its start-up"
+        if a.outcome == HANDED_BACK:  # not a failure: the stage goes on, on the GPU
+            self.console.print(f"[yellow]⤒ {line}[/yellow]")
+            return
         style = "green" if a.outcome == "ok" else "red"
         self.console.print(f"[{style}]{'✓' if a.outcome == 'ok' else '✗'} {line}[/{style}]"
                            + ("" if a.outcome == "ok" else f"\n  {a.message}"))  # fmt: skip

@@ -14,7 +14,10 @@ reservation is released when the process has exited.
 The last rung of "degrade only as far as it must" is the CPU: when no GPU plan fits what a neighbour
 left (after `--wait-for-vram`, or after an OOM), that one stage runs on the CPU (`cpu_fallback`): the
 same plan with `device="cpu"`, so the same key and nothing recomputed, no cap, no reservation. The
-next stage asks the GPU again.
+next stage asks the GPU again, and so does the CPU attempt itself: when the memory comes back while it
+runs (a neighbour that held it for a while), a GPU process is started and admitted, and only then is the
+CPU attempt stopped and the stage run on the GPU ("handed back to the GPU"). A stage is minutes on the
+CPU and seconds on the GPU, so the most this can lose is one GPU run of the stage.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ from stages.spec import (
 
 AUTO_RESERVE = 256 * 2**20  # free memory left untouched when the budget follows what is free
 POLL_S = 0.05
+RECLAIM_AFTER_S = 5.0  # a CPU attempt looks for the GPU again once it has run this long (no thrashing) ...
+RECLAIM_EVERY_S = 2.0  # ... and then this often
+HANDED_BACK = "handed back to the GPU"  # the outcome of a CPU attempt stopped because the GPU had room again
 PRESTART_ENV = "UP2YOU_PRESTART"
 MAX_SAMPLES_IN_REPORT = 2000  # per attempt in run.json (a 20-minute stage sampled at 20 Hz has 24000)
 
@@ -209,6 +215,7 @@ class Runner:
         self.retries = 0
         self.overlap_saved = 0.0
         self.reservation: Reservation | None = None
+        self.reclaimed: tuple[StageProcess, Reservation] | None = None  # a GPU process admitted to replace a CPU one
         self.admission_degrades = 0
         self.cpu_stage: tuple[str, str] | None = None  # (stage, why): its next attempt runs on the CPU
         self.admitter = (Admitter(ctx.ledger, ctx.gpu, ctx.job_id, probe=ctx.probe, keep_free=AUTO_RESERVE,
@@ -261,6 +268,10 @@ class Runner:
             attempt = self._run_stage(spec, keys[spec.name], previous_exit, self._next_to_run(i + 1, keys), proc)
             previous_exit = self.running.exited_at if self.running else None
             self.running = None
+            if self.reclaimed is not None:  # the GPU had room again: its process, already admitted, runs the stage
+                self.prestarted[spec.name], self.reservation = self.reclaimed
+                self.reclaimed = None
+                continue
             if attempt.exit_code == EXIT_OK:
                 if not self.ctx.job.is_done(spec.name, keys[spec.name]):
                     raise StageFailed(1, f"stage {spec.name} exited 0 without its manifest or outputs (a bug); "
@@ -350,28 +361,66 @@ class Runner:
         """
         if self.admitter is None or self._fit(spec.name) is None or self._on_cpu(spec):
             return None
-        ctx = self.ctx
-        rungs = self._rungs() or [self.choice]
-        sizes = [next(f.need_bytes for f in r.fits if f.stage == spec.name) for r in rungs]
-        current = self._fit(spec.name)
-        cap = self.budget if ctx.vram_cap is not None else None
+        if self.reservation is not None and self.reservation.pid == proc.pid:
+            return None  # admitted already (handed back to the GPU from the CPU)
+        rungs, sizes = self._rung_sizes(spec)
         try:
-            r = self.admitter.admit(spec.name, proc.pid, sizes, cap)
+            r = self.admitter.admit(spec.name, proc.pid, sizes, self._admission_cap())
         except StageGone:
             return None  # it died while starting: `go` finds it gone and its exit code says why
         if r is not None:
             self.reservation = r
-            # the fastest rung that fits; if the current plan needs the same for this stage, keep it
-            same = current is not None and current.need_bytes == r.nbytes
-            chosen = self.choice if same else rungs[sizes.index(r.nbytes)]
-            if chosen.candidate.label != self.choice.candidate.label:
-                why = (f"{spec.name} admitted with {gib(r.nbytes)} on the shared GPU: {chosen.candidate.step.label} "
-                       f"fits what is free and unreserved now (memory only: nothing recomputed)")  # fmt: skip
-                self.replans.append(Replan(spec.name, why, self.choice.candidate.label, chosen.candidate.label, []))
-                ctx.on_event("replan", self.replans[-1])
-                self.choice = chosen
+            self._adopt_rung(spec, r, rungs, sizes)
             return None
         return self._degrade(spec)
+
+    def _rung_sizes(self, spec: StageSpec) -> tuple[list[PlanChoice], list[int]]:
+        """The memory-only rungs, fastest first, and what this stage needs on each."""
+        rungs = self._rungs() or [self.choice]
+        return rungs, [next(f.need_bytes for f in r.fits if f.stage == spec.name) for r in rungs]
+
+    def _admission_cap(self) -> int | None:
+        return self.budget if self.ctx.vram_cap is not None else None
+
+    def _adopt_rung(self, spec: StageSpec, r: Reservation, rungs: list[PlanChoice], sizes: list[int]) -> None:
+        """Run on the fastest rung that `r` reserved for; if the current plan needs the same, keep it."""
+        current = self._fit(spec.name)
+        same = current is not None and current.need_bytes == r.nbytes
+        chosen = self.choice if same else rungs[sizes.index(r.nbytes)]
+        if chosen.candidate.label != self.choice.candidate.label:
+            why = (f"{spec.name} admitted with {gib(r.nbytes)} on the shared GPU: {chosen.candidate.step.label} "
+                   f"fits what is free and unreserved now (memory only: nothing recomputed)")  # fmt: skip
+            self.replans.append(Replan(spec.name, why, self.choice.candidate.label, chosen.candidate.label, []))
+            self.ctx.on_event("replan", self.replans[-1])
+            self.choice = chosen
+
+    def _reclaim_gpu(self, spec: StageSpec) -> bool:
+        """While `spec` runs on the CPU: if its need fits the GPU again, start a GPU process for it and admit it
+        (`self.reclaimed`). True once admitted; the caller then stops the CPU attempt."""
+        ctx = self.ctx
+        if self.admitter is None or ctx.ledger is None or self._fit(spec.name) is None:
+            return False
+        rungs, sizes = self._rung_sizes(spec)
+        room = ctx.ledger.view(self.admitter.current_gpu()).available(ctx.job_id) - AUTO_RESERVE
+        cap = self._admission_cap()
+        if min(sizes) > (room if cap is None else min(room, cap)):
+            return False
+        if prestart.available_host_memory() < self._footprints()[spec.name]:
+            return False  # a second process of this stage would not fit beside the first: stay on the CPU
+        proc = self._spawn(spec)
+        try:
+            r = ctx.ledger.reserve_first_fit(self.admitter.current_gpu(), ctx.job_id, spec.name, proc.pid, sizes,
+                                             keep_free=AUTO_RESERVE, cap=cap)  # fmt: skip
+        except LedgerError:
+            r = None
+        if r is None:  # taken meanwhile
+            proc.kill()
+            return False
+        self.reclaimed = (proc, r)
+        self._adopt_rung(spec, r, rungs, sizes)
+        ctx.on_event("cpu", f"{spec.name}: GPU {self.admitter.gpu.index} has room again ({gib(r.nbytes)} "
+                            f"reserved): stopping the CPU attempt and running {spec.name} on the GPU")  # fmt: skip
+        return True
 
     def _may_fall_back(self, exc: NoPlanFits | None = None) -> bool:
         """--cpu-fallback auto, on a job that plans for a GPU (a CPU run is there already), for lack of memory
@@ -447,25 +496,42 @@ class Runner:
         self.ctx.on_event("start", (spec.name, label, None if cpu_why else fit))
         gpu_index = self.ctx.gpu.index if (self.ctx.gpu is not None and plan.on_gpu) else None
         # sampling starts before `go`: a pre-started stage can finish before a late sampler sees it
+        handed_back = False
         with MemorySampler(proc, self.ctx.probe, gpu_index, self.t0) as sampler:
             proc.go()
             self._prestart_ahead(nxt, proc)
+            look_at = started + RECLAIM_AFTER_S
             while proc.poll() is None:
                 time.sleep(POLL_S)
+                if cpu_why and time.monotonic() >= look_at:
+                    look_at = time.monotonic() + RECLAIM_EVERY_S
+                    if self._reclaim_gpu(spec):
+                        handed_back = True
+                        proc.interrupt()
+                        break
         code = proc.finish()
         self._release()  # the process is gone: what it held is back (NVML says so on the next admission)
         hidden = proc.hidden_startup_s(previous_exit)
         self.overlap_saved += hidden
         error = self.ctx.job.read_error(spec.name) if code != EXIT_OK else None
         manifest = self.ctx.job.read_manifest(spec.name) if code == EXIT_OK else None
+        if handed_back and code == EXIT_OK:  # it finished just as the GPU came back: keep it, drop the new one
+            assert self.reclaimed is not None and self.ctx.ledger is not None
+            (proc_back, r), self.reclaimed = self.reclaimed, None
+            proc_back.kill()
+            self.ctx.ledger.release(r)
+            handed_back = False
         attempt = Attempt(
-            stage=spec.name, attempt=self.tries[spec.name], outcome=_outcome(code), exit_code=code, key=key,
+            stage=spec.name, attempt=self.tries[spec.name],
+            outcome=HANDED_BACK if handed_back else _outcome(code), exit_code=code, key=key,
             plan_label=self.choice.candidate.label, predicted_bytes=fit.prediction.total_bytes if fit else 0,
             cap_bytes=cap, measured_gpu_bytes=sampler.peak_gpu, measured_rss_bytes=sampler.peak_rss,
             torch_peak_allocated=(manifest or error or {}).get("torch_peak_allocated"),
             started_s=started - self.t0, wall_s=time.monotonic() - started, hidden_startup_s=hidden,
             ready_s=proc.ready_at - self.t0 if proc.ready_at is not None else None,
-            message=_message(code, error, self.ctx.job.path(spec.name, "log.txt")), reserved_bytes=reserved,
+            message=("the GPU had room again: stopped here and run there" if handed_back
+                     else _message(code, error, self.ctx.job.path(spec.name, "log.txt"))),
+            reserved_bytes=reserved,
             cpu_fallback=cpu_why, samples=sampler.samples,
         )  # fmt: skip
         self.attempts.append(attempt)
@@ -566,6 +632,9 @@ class Runner:
     def _cleanup(self) -> None:
         if self.running is not None and self.running.poll() is None:
             self.running.kill()
+        if self.reclaimed is not None:  # interrupted between a hand-back and its GPU attempt
+            self.prestarted[self.reclaimed[0].spec.name], self.reservation = self.reclaimed
+            self.reclaimed = None
         try:
             self._release()  # after the process is gone, so its memory is never handed out twice
         except LedgerError:

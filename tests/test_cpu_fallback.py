@@ -238,3 +238,37 @@ def test_when_the_retries_are_used_up_the_stage_runs_on_the_cpu(photos, tmp_path
                                                          cpu_fallback=False), probe=probe, pipeline=FAKE,
                     table=fake_table)  # fmt: skip
     assert never.exit_code == 75 and "--max-retries 1 is used up" in never.message
+
+
+def test_when_the_memory_comes_back_during_a_cpu_attempt_the_stage_is_handed_back_to_the_gpu(
+        photos, tmp_path, fake_table, monkeypatch, isolated_cache, capsys) -> None:  # fmt: skip
+    import orchestrator.runner as runner
+
+    monkeypatch.setattr(runner, "RECLAIM_AFTER_S", 0.5)
+    monkeypatch.setattr(runner, "RECLAIM_EVERY_S", 0.2)
+    monkeypatch.setenv("UP2YOU_FAULTS", "rgb:sleep:1:60")  # the CPU attempt (attempt 1) would take a minute
+    probe = SimulatedProbe(SimulatedGpu(24 * GiB, name="Sim 24G"))
+    out = tmp_path / "out"
+    job = JobDir(out / "job")
+    t = _neighbour(probe, job, arrive="views", leave="rgb")  # gives the memory back once rgb is on the CPU
+    began = time.monotonic()
+    report = run_job(photos, out, RunOptions(vram="12GB", device="cpu", wait_for_vram_s=1), probe=probe,
+                     pipeline=FAKE, table=fake_table)  # fmt: skip
+    t.join()
+    assert report.ok, report.message
+    assert time.monotonic() - began < 45  # the minute on the CPU was not waited out
+    attempts = _ok_attempts(report)
+    cpu, gpu = attempts["rgb"]
+    assert (cpu.outcome, bool(cpu.cpu_fallback)) == (runner.HANDED_BACK, True) and cpu.reserved_bytes is None
+    assert (gpu.outcome, gpu.cpu_fallback) == ("ok", "") and gpu.reserved_bytes  # admitted: a ledger claim
+    assert gpu.key == cpu.key == job.read_manifest("rgb")["key"]  # the same key: nothing else was invalidated
+    assert job.read_manifest("rgb")["extras"]["cpu_fallback"] is False  # the outputs are the GPU attempt's
+    assert {s: [a.outcome for a in attempts[s]] for s in FAKE.names if s != "rgb"} == {
+        s: ["ok"] for s in FAKE.names if s != "rgb"}
+    assert report.pipeline_result.cpu_stages == [] and "on the CPU" not in report.message
+    err = " ".join(capsys.readouterr().err.split())
+    assert "running rgb on the CPU (slow; nothing recomputed)" in err
+    assert "rgb: GPU 0 has room again (" in err
+    assert "reserved): stopping the CPU attempt and running rgb on the GPU" in err
+    record = json.loads((out / "run.json").read_text())
+    assert [(c["stage"], c["outcome"]) for c in record["cpu_stages"]] == [("rgb", runner.HANDED_BACK)]
