@@ -176,22 +176,27 @@ def stage_parts(stage: str, plan: Plan, n_refs: int, model: TimeModel) -> tuple[
     return max(0.0, startup), max(0.0, run)
 
 
-def plan_time(stages: Iterable[str], plan: Plan, n_refs: int, model: TimeModel, prestart: bool = True) -> PlanTime:
-    """Predicted wall of every stage run in order from a fresh job folder, with the runner's pre-start:
-    stage i+1 starts up while stage i runs, so it pays only max(0, start-up - stage i's wall)."""
+def plan_time(stages: Iterable[str], plan: Plan, n_refs: int, model: TimeModel, ahead: int = 1) -> PlanTime:
+    """Predicted wall of every stage run in order from a fresh job folder, with the runner's pre-start of
+    `ahead` stages (0: none): stage j's process starts when stage j - ahead starts (the first `ahead` at the
+    job's start), so it pays only max(0, start-up - the time from then to its turn). Host memory can hold
+    fewer ahead than asked; that limit is not modelled."""
     out: list[StageSeconds] = []
     missing: list[str] = []
-    previous_wall: float | None = None
+    starts: list[float] = []  # when each timed stage of this run of timed stages began, from its first
+    now = 0.0
     for name in stages:
-        if name not in model.stages:
+        if name not in model.stages:  # an untimed stage: the timeline starts afresh after it
             missing.append(name)
-            previous_wall = None
+            starts, now = [], 0.0
             continue
         startup, run = stage_parts(name, plan, n_refs, model)
-        hidden = min(startup, previous_wall) if (prestart and previous_wall is not None) else 0.0
+        spawned = starts[max(0, len(starts) - ahead)] if (ahead > 0 and starts) else now
+        hidden = min(startup, now - spawned)
         wall = startup - hidden + run + model.handoff_s
         out.append(StageSeconds(name, startup, run, hidden, wall))
-        previous_wall = wall
+        starts.append(now)
+        now += wall
     return PlanTime(tuple(out), model.job_overhead_s, tuple(missing))
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from budgets.table import BudgetTable, Prediction, predict
 from budgets.timing import PlanTime, plan_time, seconds_flag
+from orchestrator import prestart
 from orchestrator.sizes import gib, vram_flag
 from stages.plan import RESOLUTION_CHOICES, VIEW_CHOICES, Plan
 from stages.spec import Pipeline
@@ -271,7 +272,7 @@ def predict_time(pipeline: Pipeline, table: BudgetTable, plan: Plan, n_refs: int
     the plan runs tiny smoke-test models (which no table times)."""
     if table.time is None or not _timed(plan):
         return None
-    return plan_time(pipeline.names, plan, n_refs, table.time)
+    return plan_time(pipeline.names, plan, n_refs, table.time, ahead=prestart.configured_ahead())
 
 
 def _timed(plan: Plan) -> bool:

@@ -47,6 +47,12 @@ def default_ahead() -> int:
     return max(1, cores - 1)
 
 
+def configured_ahead() -> int:
+    """How many stages the runner pre-starts ahead: $UP2YOU_PRESTART_AHEAD, else `default_ahead`."""
+    raw = os.environ.get(AHEAD_ENV, "").strip()
+    return int(raw) if raw.isdigit() else default_ahead()
+
+
 def available_host_memory() -> int:
     """What psutil says can be allocated now without swapping (page cache counts as available)."""
     return int(psutil.virtual_memory().available)

@@ -164,14 +164,9 @@ class RunContext:
     vram_cap: int | None = None  # the user's --vram (None = auto: what is free and unreserved at admission)
     wait_for_siblings_s: float = SIBLING_WAIT_S
     # at most this many stages waiting ahead, memory permitting (UP2YOU_PRESTART_AHEAD=N; default: cores - 1)
-    prestart_ahead: int = field(default_factory=lambda: _env_int(prestart.AHEAD_ENV, prestart.default_ahead()))
+    prestart_ahead: int = field(default_factory=lambda: prestart.configured_ahead())  # a lambda: `prestart` is a field here
     # --cpu-fallback auto: a stage that no GPU plan fits runs on the CPU instead of exiting 75
     cpu_fallback: bool = True
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() else default
 
 
 class StageFailed(Exception):

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from budgets.timing import StageTime, TimeModel, TimeTerm, plan_time
 from orchestrator.job import RunOptions, run_job
+from orchestrator.prestart import configured_ahead
 from stages.jobfs import JobDir
 from tests.fakestages import FAKE
 
@@ -30,7 +31,7 @@ def test_run_reports_predicted_and_measured_seconds_per_stage(photos, tmp_path, 
     assert "predicted time" in printed and "│ total" in printed
     record = json.loads((out / "run.json").read_text())
     plan = report.choice.plan
-    predicted = plan_time(FAKE.names, plan, report.n_photos, table.time)
+    predicted = plan_time(FAKE.names, plan, report.n_photos, table.time, ahead=configured_ahead())  # as the runner
     assert record["predicted_seconds"]["total_s"] == round(predicted.total_s, 2)
     job = JobDir(report.job_dir)
     for a in report.pipeline_result.attempts:
