@@ -130,7 +130,7 @@ class TorchRasterizer:
         qs = q0 + q1 + q2
         z = s0 * cz[:, 0] + s1 * cz[:, 1] + s2 * cz[:, 2]
         vals = torch.stack((q0 / qs, q1 / qs, z, (tid + 1).to(pos.dtype)), dim=1)
-        rast = rast.index_put((pix,), vals)
+        rast.index_put_((pix,), vals)  # in place: an out-of-place put would copy the whole image once more
         return rast.view(b_count, h, w, 4)
 
     def interpolate(self, attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,8 @@ class TorchRasterizer:
         u = flat[pix, 0:1]
         v = flat[pix, 1:2]
         val = u * a[:, 0] + v * a[:, 1] + (1.0 - u - v) * a[:, 2]
-        return out.index_put((pix,), val).view(b_count, h, w, c)
+        out.index_put_((pix,), val)
+        return out.view(b_count, h, w, c)
 
     def reserve(self, batch: int, triangles: int, resolution: tuple[int, int]) -> None:
         """Nothing to reserve: buffers are ordinary tensors of each call."""
@@ -171,7 +172,7 @@ class TorchRasterizer:
         flat_c = color.reshape(-1, c)
         tid = rast[..., 3].long().reshape(-1) - 1
         zz = rast[..., 2].detach().reshape(-1)
-        out = flat_c
+        out = flat_c.clone()  # one copy, then added to in place (the same sums, in the same order)
         idx = torch.arange(b_count * h * w, device=color.device).view(b_count, h, w)
         for a_idx, q_idx in ((idx[:, :, :-1], idx[:, :, 1:]), (idx[:, :-1, :], idx[:, 1:, :])):
             a_idx, q_idx = a_idx.reshape(-1), q_idx.reshape(-1)
@@ -203,6 +204,6 @@ class TorchRasterizer:
             cp, co = flat_c[p_idx], flat_c[o_idx]
             grow = (t_cross - 0.5).clamp_min(0.0)[:, None] * ok[:, None]
             shrink = (0.5 - t_cross).clamp_min(0.0)[:, None] * ok[:, None]
-            out = out.index_add(0, o_idx, grow * (cp - co))
-            out = out.index_add(0, p_idx, shrink * (co - cp))
+            out.index_add_(0, o_idx, grow * (cp - co))
+            out.index_add_(0, p_idx, shrink * (co - cp))
         return out.view(b_count, h, w, c)
