@@ -105,8 +105,8 @@ def finish(ctx: StageContext, images: torch.Tensor, png_prefix: str, matte: torc
         ctx.free_memory()
         ctx.record(alpha="birefnet")
     ctx.save_tensors("outputs.safetensors", {"images": images.float().contiguous(), "alphas": alphas.contiguous()})
-    for i, (img, a) in enumerate(zip(images, alphas, strict=True)):
-        ctx.save_image(f"{png_prefix}_{i:02d}.png", torch.cat([img, a[None]]))
+    ctx.save_images([(f"{png_prefix}_{i:02d}.png", torch.cat([img, a[None]]))
+                     for i, (img, a) in enumerate(zip(images, alphas, strict=True))])
 
 
 def prepare(ctx: StageContext) -> Prepared:
