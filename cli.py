@@ -38,6 +38,7 @@ from orchestrator.inputs import EXIT_USAGE, InputError
 from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, input_notes, plan_job, run_job
 from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.probe import ProbeError, default_probe
+from orchestrator.runner import cpu_note
 from orchestrator.sizes import gib, parse_duration, parse_size
 from orchestrator.testenv import job_doubles
 from stages.jobfs import shown
@@ -175,7 +176,7 @@ def run_command(
         print(json.dumps(report.to_dict(), indent=1, default=str))
     elif report.ok:
         cpu = report.pipeline_result.cpu_stages if report.pipeline_result else []
-        on_cpu = f" ({', '.join(cpu)} ran on the CPU: no GPU plan fit the free memory; see run.json)" if cpu else ""
+        on_cpu = f"; {cpu_note(cpu)}" if cpu else ""
         err.print(f"[green]done in {report.wall_s:.0f} s[/green] -> {report.out_dir}{on_cpu}")
         for d in report.deliverables:
             err.print(f"  {report.out_dir / d}")

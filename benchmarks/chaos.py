@@ -87,7 +87,6 @@ NEIGHBOUR = ("import json, os, sys, time, torch\n"
              "    print(json.dumps({'released_at': time.time()}), flush=True)\n"
              "time.sleep(86400)\n")  # fmt: skip
 T0_FILE = "job_t0"  # in the run's folder: wall-clock time at which the worker called run_job
-WALL_FILE = "chaos_wall_s"  # in the run's folder: its wall time so far (--resume adds to it)
 
 
 @dataclass(frozen=True)
@@ -172,7 +171,6 @@ def summarise(grab: Grab, report: dict[str, Any], wall: float, baseline_wall: fl
                                                           for p in report.get("replans", [])],
         "plan_final": report.get("plan_label"), "ok": bool(report.get("ok")), "exit_code": report.get("exit_code"),
         "message": report.get("message"), "wall_s": round(wall, 2), "time_lost_s": round(wall - baseline_wall, 2),
-        "resumed_after_s": report.get("resumed_after_s"),
         "recomputed": recomputed(attempts), "cpu_stages": cpu_stages(report), "peak_nvml_bytes": peak, "cap_bytes": cap, "peak_within_cap": under,
     }  # fmt: skip
 
@@ -246,12 +244,7 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
     """One job, with its neighbour when `grab` is given; returns (run.json, wall s, neighbour's lines, job t0)."""
     gpu = grab.gpu if grab else args.gpus[0]
     out = work / (f"run_{grab.run:02d}" if grab else f"baseline_gpu{gpu}")
-    earlier_wall = 0.0
-    if args.resume and (out / WALL_FILE).exists():  # a run stopped by --run-timeout goes on where it was
-        earlier_wall = float((out / WALL_FILE).read_text())
-        (out / T0_FILE).unlink(missing_ok=True)  # the neighbour times its grab from this start
-    else:
-        shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "UP2YOU_CACHE_DIR": str(out.parent / f"cache_{out.name}")}  # corrections learned per run
     neighbour = None
     first: list[dict[str, Any]] = []
@@ -285,9 +278,7 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
     except subprocess.TimeoutExpired:  # the job is killed; its stages die with it (stages.lifeline)
         proc = subprocess.CompletedProcess([], -9, "", "")
         stopped = f"stopped by --run-timeout {args.run_timeout:g} s while still running"
-    wall = time.monotonic() - t + earlier_wall
-    out.mkdir(parents=True, exist_ok=True)
-    (out / WALL_FILE).write_text(repr(wall))
+    wall = time.monotonic() - t
     if simulated is not None:
         stop.set()
         simulated.join()
@@ -300,8 +291,6 @@ def run_one(grab: Grab | None, photos: Path, work: Path, args: argparse.Namespac
     report = json.loads(report_path.read_text()) if report_path.exists() and not stopped else {
         "ok": False, "exit_code": proc.returncode, "message": stopped or (proc.stderr.strip().splitlines() or ["?"])[-1]}
     t0 = float((out / T0_FILE).read_text()) if (out / T0_FILE).exists() else None
-    if earlier_wall:
-        report["resumed_after_s"] = round(earlier_wall, 2)
     return report, wall, lines, t0
 
 
@@ -343,8 +332,6 @@ def main() -> int:
     ap.add_argument("--merge", type=Path, nargs="+", help="chaos_part*.json files to join into chaos.json")
     ap.add_argument("--replay", type=Path, default=None, help="an earlier chaos JSON: rerun its rows (with --only, "
                     "those) with the very grabs it recorded, against its recorded baseline (no baseline run)")
-    ap.add_argument("--resume", action="store_true", help="keep a run's job folder under --work (a run stopped "
-                    "by --run-timeout goes on from its last finished stage; its earlier wall time is added)")
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))

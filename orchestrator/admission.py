@@ -117,6 +117,11 @@ class Admitter:
                     self.gpu = g
         return self.gpu
 
+    def try_admit(self, stage: str, pid: int, sizes: Sequence[int], cap: int | None = None) -> Reservation | None:
+        """Reserve the first of `sizes` that fits now, or None at once: no wait, no queue ticket."""
+        return self.ledger.reserve_first_fit(self.current_gpu(), self.job_id, stage, pid, sizes,
+                                             keep_free=self.keep_free, cap=cap)  # fmt: skip
+
     def admit(self, stage: str, pid: int, sizes: Sequence[int], cap: int | None = None) -> Reservation | None:
         """Reserve the first of `sizes` that fits, waiting as the module docstring says; None = limit reached.
 

@@ -34,7 +34,7 @@ from budgets.table import BudgetTable, predict
 from orchestrator import prestart
 from orchestrator.admission import SIBLING_WAIT_S, Admitter, StageGone, Wait, wait_kind
 from orchestrator.corrections import Corrections, oom_factor
-from orchestrator.ledger import Ledger, LedgerError, Reservation
+from orchestrator.ledger import Ledger, LedgerError, LedgerView, Reservation
 from orchestrator.monitor import MemorySampler, Sample
 from orchestrator.planner import (
     Constraints,
@@ -136,6 +136,11 @@ def cpu_stages(attempts: list[Attempt]) -> list[str]:
     return [a.stage for a in attempts if a.cpu_fallback and a.outcome == "ok"]
 
 
+def cpu_note(stages: list[str]) -> str:
+    """What a finished run says about its stages that took the CPU (run.json's message, the CLI's last line)."""
+    return f"{', '.join(stages)} ran on the CPU (no GPU plan fit the memory that was free; see cpu_stages in run.json)"
+
+
 @dataclass
 class RunContext:
     """Everything the loop needs that is fixed for the job."""
@@ -225,8 +230,7 @@ class Runner:
             self._loop()
             cpu = cpu_stages(self.attempts)
             if cpu:
-                message = (f"done; {', '.join(cpu)} ran on the CPU (no GPU plan fit the memory that was free; "
-                           f"see cpu_stages in run.json)")  # fmt: skip
+                message = f"done; {cpu_note(cpu)}"
         except StageFailed as exc:
             code, message = exc.code, str(exc)
         except LedgerError as exc:
@@ -377,6 +381,12 @@ class Runner:
     def _admission_cap(self) -> int | None:
         return self.budget if self.ctx.vram_cap is not None else None
 
+    def _room(self, view: LedgerView) -> int:
+        """What a stage of this job may take on the GPU now: free and unreserved, less the reserve, within --vram."""
+        room = max(0, view.available(self.ctx.job_id) - AUTO_RESERVE)
+        cap = self._admission_cap()
+        return room if cap is None else min(room, cap)
+
     def _adopt_rung(self, spec: StageSpec, r: Reservation, rungs: list[PlanChoice], sizes: list[int]) -> None:
         """Run on the fastest rung that `r` reserved for; if the current plan needs the same, keep it."""
         current = self._fit(spec.name)
@@ -396,16 +406,13 @@ class Runner:
         if self.admitter is None or ctx.ledger is None or self._fit(spec.name) is None:
             return False
         rungs, sizes = self._rung_sizes(spec)
-        room = ctx.ledger.view(self.admitter.current_gpu()).available(ctx.job_id) - AUTO_RESERVE
-        cap = self._admission_cap()
-        if min(sizes) > (room if cap is None else min(room, cap)):
+        if min(sizes) > self._room(ctx.ledger.view(self.admitter.current_gpu())):
             return False
         if prestart.available_host_memory() < self._footprints()[spec.name]:
             return False  # a second process of this stage would not fit beside the first: stay on the CPU
         proc = self._spawn(spec)
         try:
-            r = ctx.ledger.reserve_first_fit(self.admitter.current_gpu(), ctx.job_id, spec.name, proc.pid, sizes,
-                                             keep_free=AUTO_RESERVE, cap=cap)  # fmt: skip
+            r = self.admitter.try_admit(spec.name, proc.pid, sizes, self._admission_cap())
         except LedgerError:
             r = None
         if r is None:  # taken meanwhile
@@ -438,9 +445,7 @@ class Runner:
         assert ctx.ledger is not None and ctx.gpu is not None and self.admitter is not None
         self.admission_degrades += 1
         view = ctx.ledger.view(self.admitter.gpu)
-        room = max(0, view.available(ctx.job_id) - AUTO_RESERVE)
-        if ctx.vram_cap is not None:
-            room = min(room, self.budget)
+        room = self._room(view)
         waited = self.admitter.last_wait.seconds if self.admitter.last_wait else 0.0
         bound = "--wait-for-siblings" if self.admitter.last_kind == "siblings" else "--wait-for-vram"
         where = f"{gib(room)} free and unreserved on GPU {view.gpu.index} after waiting {waited:.0f} s"
