@@ -48,7 +48,7 @@ from orchestrator.probe import NvmlProbe  # noqa: E402
 from orchestrator.runner import PRESTART_ENV  # noqa: E402
 from stages.jobfs import JobDir  # noqa: E402
 from stages.plan import Plan  # noqa: E402
-from stages.spec import UP2YOU  # noqa: E402
+from stages.spec import CPROFILE_ENV, CPROFILE_FILE, UP2YOU  # noqa: E402
 
 GiB = 2**30
 RUNS = ("uncapped", "12GB", "8GB", "6GB", "cfg", "noprestart", "ahead1", "neighbour")
@@ -84,6 +84,11 @@ def run_one(name: str, photos: Path, out: Path, args: argparse.Namespace, table:
     wall = time.monotonic() - t
     os.environ[PRESTART_ENV] = "1"
     os.environ.pop(AHEAD_ENV, None)
+    for stage in filter(None, os.environ.get(CPROFILE_ENV, "").split(",")):  # --cprofile: keep each profile
+        prof = JobDir(report.job_dir).path(stage, CPROFILE_FILE)
+        if prof.is_file():
+            args.out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(prof, args.out / f"{name}_{stage}_{CPROFILE_FILE}")
     return summarise(name, report, wall, table)
 
 
@@ -111,6 +116,8 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
             "hidden_startup_s": round(a.hidden_startup_s, 3), "setup_s": tm.get("setup_s"),
             "not_hidden_startup_s": startup.get(a.stage, {}).get("not_hidden_s"),
             "denoise_s": ex.get("diffusion_denoise_s"), "nfe": ex.get("diffusion_nfe"),
+            "timings": {k: round(v, 4) for k, v in tm.items() if isinstance(v, float)},  # every phase the stage timed
+            "extras": {k: v for k, v in ex.items() if isinstance(v, (int, float, str)) and "peak" not in k},
         }  # fmt: skip
         pt = times.get(a.stage) if times else None
         if pt is not None:
@@ -264,6 +271,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="uncapped,8GB,cfg", help=f"comma list of {','.join(RUNS)}")
     ap.add_argument("--quick", action="store_true", help="steps 10, mesh_iters 100")
+    ap.add_argument("--cprofile", default="", help="comma list of stages to run under cProfile (host time; "
+                    "slows Python-heavy stages, so not for the timed runs)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--gpu", default="0")
     ap.add_argument("--table", type=Path, default=None, help="budget table (default: newest in budgets/tables)")
@@ -276,6 +285,8 @@ def main() -> int:
     ap.add_argument("--weights-cache", type=Path, default=Path("/tmp/up2you-full-files"),
                     help="where --profile full-files writes (once) and reads the checkpoint files")
     args = ap.parse_args()
+    if args.cprofile:
+        os.environ[CPROFILE_ENV] = args.cprofile
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         runs: dict[str, dict[str, Any]] = {}

@@ -55,11 +55,10 @@ def run(ctx: StageContext, model: Any) -> None:
 
 
 def _save_obj(ctx: StageContext, verts: torch.Tensor, faces: torch.Tensor) -> None:
-    import trimesh
+    from up2you.geometry.objfile import write_obj
 
-    mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False)
     with ctx.write_file("smplx_mesh.obj") as tmp:
-        mesh.export(tmp, file_type="obj")
+        write_obj(tmp, verts.numpy(), faces.numpy())
 
 
 def _grid(images: torch.Tensor, cols: int = 10) -> torch.Tensor:

@@ -49,6 +49,8 @@ import torch  # noqa: E402
 from stages.jobfs import JobDir, atomic_path, shown  # noqa: E402
 from stages.plan import Plan  # noqa: E402
 from stages.spec import (  # noqa: E402
+    CPROFILE_ENV,
+    CPROFILE_FILE,
     EXIT_BAD_INPUT,
     EXIT_DISK_FULL,
     EXIT_INTERRUPTED,
@@ -210,6 +212,20 @@ class StageContext:
         """Add facts to the manifest (NFE used, iterations, vertex counts ...)."""
         self._extras.update(kv)
 
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Time a phase of `run` into the manifest's timings as `<phase>_s` (the GPU's queue drained at both
+        ends, so the time is the phase's own, not the phase before it still running)."""
+        self._sync()
+        t = time.perf_counter()
+        yield
+        self._sync()
+        self.timings[f"{phase}_s"] = round(time.perf_counter() - t, 4)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda" and torch.cuda.is_initialized():
+            torch.cuda.synchronize(self.device)
+
     def log(self, msg: str) -> None:
         print(f"[{self.name}] {msg}", file=sys.stderr, flush=True)
 
@@ -296,6 +312,27 @@ def _peaks(ctx: StageContext) -> dict[str, int]:
     return {"torch_peak_allocated": 0, "torch_peak_reserved": 0}
 
 
+@contextlib.contextmanager
+def _profiled(ctx: StageContext) -> Iterator[None]:
+    """With the stage named in $UP2YOU_CPROFILE (comma list), run `run` under cProfile and write the
+    40 costliest calls (cumulative) to `cprofile.txt` in the stage folder: host time a GPU trace misses."""
+    if ctx.name not in os.environ.get(CPROFILE_ENV, "").split(","):
+        yield
+        return
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+        ctx.job.path(ctx.name, CPROFILE_FILE).write_text(text.getvalue())
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -341,7 +378,8 @@ def stage_main(
         _inject_fault(name, ctx.attempt)
         t = time.time()
         ctx.timings["setup_s"] = t - t_go  # after `go`, before the work: request, CUDA context, memory cap
-        run(ctx, prepared)
+        with _profiled(ctx):
+            run(ctx, prepared)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         _fault_point(name, "manifest", ctx.attempt)

@@ -58,30 +58,36 @@ def run(ctx: StageContext, assets: Any) -> None:
                             "assets; rerun apose with the same weights")
     body_n, centre, scale = normalize_to_bound(body_m, BOUND)
     raster = get_rasterizer(dev)
-    goal = fit_goal(*normal_targets(nrm["images"], nrm["alphas"], plan.mesh_resolution))
+    with ctx.timed("targets"):
+        goal = fit_goal(*normal_targets(nrm["images"], nrm["alphas"], plan.mesh_resolution))
     del nrm
 
     def log(it: int, loss: float, n_faces: int) -> None:
         ctx.log(f"iter {it}: loss {loss:.4f}, {n_faces} faces")
 
-    verts, faces, losses = fit_mesh(raster, body_n.to(dev), body_f.to(dev), goal.to(dev), yaws, plan.mesh_iters,
-                                    RADIUS, view_chunk=plan.mesh_view_chunk, on_log=log)
+    with ctx.timed("fit"):
+        verts, faces, losses = fit_mesh(raster, body_n.to(dev), body_f.to(dev), goal.to(dev), yaws, plan.mesh_iters,
+                                        RADIUS, view_chunk=plan.mesh_view_chunk, on_log=log)
     del goal
     ctx.free_memory()
-    v, f = replace_hands(verts.cpu().numpy(), faces.cpu().numpy(), body_n.numpy(), body_f.numpy(), hand_ids, lmk)
-    normals = vertex_normals(torch.from_numpy(v).float(), torch.from_numpy(f).long()).numpy()
-    try:
-        pv, pf = poisson(v, normals, depth=POISSON_DEPTH)
-        poisson_note = f"screened Poisson depth {POISSON_DEPTH}, largest component"
-    except PoissonUnavailable as exc:  # keep the remeshed surface + hands: not watertight, but a mesh
-        pv, pf = v.astype(np.float32), f.astype(np.int64)
-        poisson_note = f"skipped: {exc}"
-        ctx.log(f"warning: Poisson {poisson_note}; the mesh is the remeshed surface with the hands, not watertight")
-    pv_t, pf_t = torch.from_numpy(pv).to(dev), torch.from_numpy(pf).to(dev)
-    colors = project_colors(raster, pv_t, pf_t, rgb["images"].to(dev), rgb["alphas"].to(dev), yaws,
-                            color_weights(yaws), RADIUS, plan.mesh_resolution).cpu()
+    with ctx.timed("hands"):
+        v, f = replace_hands(verts.cpu().numpy(), faces.cpu().numpy(), body_n.numpy(), body_f.numpy(), hand_ids, lmk)
+        normals = vertex_normals(torch.from_numpy(v).float(), torch.from_numpy(f).long()).numpy()
+    with ctx.timed("poisson"):
+        try:
+            pv, pf = poisson(v, normals, depth=POISSON_DEPTH)
+            poisson_note = f"screened Poisson depth {POISSON_DEPTH}, largest component"
+        except PoissonUnavailable as exc:  # keep the remeshed surface + hands: not watertight, but a mesh
+            pv, pf = v.astype(np.float32), f.astype(np.int64)
+            poisson_note = f"skipped: {exc}"
+            ctx.log(f"warning: Poisson {poisson_note}; the mesh is the remeshed surface with the hands, not watertight")
+    with ctx.timed("colors"):
+        pv_t, pf_t = torch.from_numpy(pv).to(dev), torch.from_numpy(pf).to(dev)
+        colors = project_colors(raster, pv_t, pf_t, rgb["images"].to(dev), rgb["alphas"].to(dev), yaws,
+                                color_weights(yaws), RADIUS, plan.mesh_resolution).cpu()
     verts_m = torch.from_numpy(pv) / scale + centre
-    _write(ctx, verts_m.float(), torch.from_numpy(pf).long(), colors.float())
+    with ctx.timed("write"):
+        _write(ctx, verts_m.float(), torch.from_numpy(pf).long(), colors.float())
     ctx.record(iterations=plan.mesh_iters, view_chunk=plan.mesh_view_chunk, loss_first=losses[0] if losses else None,
                loss_last=losses[-1] if losses else None, remeshed_faces=int(faces.shape[0]),
                vertices=int(pv.shape[0]), faces=int(pf.shape[0]), poisson=poisson_note)
@@ -90,12 +96,14 @@ def run(ctx: StageContext, assets: Any) -> None:
 def _write(ctx: StageContext, verts: torch.Tensor, faces: torch.Tensor, colors: torch.Tensor) -> None:
     import trimesh
 
+    from up2you.geometry.objfile import write_obj
+
     ctx.save_tensors("outputs.safetensors", {"verts": verts, "faces": faces, "colors": colors})
     rgba = np.concatenate([(colors.numpy() * 255 + 0.5).astype(np.uint8),
                            np.full((len(colors), 1), 255, np.uint8)], axis=1)
-    mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), vertex_colors=rgba, process=False)
     with ctx.write_file("mesh.obj") as tmp:
-        mesh.export(tmp, file_type="obj")
+        write_obj(tmp, verts.numpy(), faces.numpy(), rgba[:, :3] / 255.0)  # the GLB's colour bytes
+    mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), vertex_colors=rgba, process=False)
     with ctx.write_file("mesh.glb") as tmp:
         mesh.export(tmp, file_type="glb")
 

@@ -24,6 +24,7 @@ def run(ctx: StageContext, prepared: Prepared) -> None:
     p = ctx.plan
     poses = read_poses(ctx)
     rgb = ctx.load_tensors("rgb")
+    matte_load = prepared.start_matte_load()
     images, alphas = rgb["images"].float(), rgb["alphas"].float()
     fix = "rerun stage rgb with this plan"
     expect("rgb/outputs.safetensors images", images, (p.views, 3, p.resolution, p.resolution), fix)
@@ -32,7 +33,7 @@ def run(ctx: StageContext, prepared: Prepared) -> None:
     references = images * a + 0.5 * (1 - a)
     with torch.inference_mode():
         normals = sample(ctx, prepared.models, NORMAL_PROMPT, poses, references, None)
-    finish(ctx, normals, "normal", prepared.matte)
+    finish(ctx, normals, "normal", matte_load)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ reference tokens chosen by its weight maps. The helpers here are shared with sta
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +34,24 @@ def quiet_libraries() -> None:
 
 @dataclass
 class Prepared:
-    """What `prepare` puts in host memory before `go`: the diffusion models and BiRefNet (None in
-    full-random, which has no matting model), so that `run` reads no file."""
+    """What `prepare` puts in host memory before `go`: the diffusion models, and where BiRefNet is (None
+    in full-random, which has no matting model; its files are checked here, so a missing one fails now)."""
 
     models: DiffusionModels
-    matte: torch.nn.Module | None
+    matte_folder: Path | None
+
+    def start_matte_load(self) -> Future[torch.nn.Module] | None:
+        """Load BiRefNet in a thread while the sampler runs: it is needed only for the alphas at the end.
+        In `prepare` it lengthened the start-up that must hide behind earlier stages (rgb's was not hidden),
+        and it waited there on the lock that segment and normal take for the same load."""
+        if self.matte_folder is None:
+            return None
+        from up2you.encoders.birefnet import load_birefnet
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="birefnet-load")
+        future = pool.submit(load_birefnet, self.matte_folder, "cpu", torch.float32)
+        pool.shutdown(wait=False)  # the load goes on; the pool takes no more work
+        return future
 
 
 def load_models(ctx: StageContext, adapter_key: str) -> Prepared:
@@ -44,10 +59,8 @@ def load_models(ctx: StageContext, adapter_key: str) -> Prepared:
     quiet_libraries()
     if ctx.profile == "full-random":  # shapes only (meta): `sample` materialises them in `run`
         return Prepared(random_sd21(materialize=False), None)
-    from up2you.encoders.birefnet import load_birefnet
-
     models = load_for_profile(ctx.profile, ctx.ckpt("sd21"), ctx.ckpt(adapter_key))
-    return Prepared(models, load_birefnet(ctx.ckpt("birefnet"), "cpu", torch.float32))
+    return Prepared(models, ctx.ckpt("birefnet"))
 
 
 def expect(name: str, t: torch.Tensor, shape: tuple[int | None, ...], fix: str) -> None:
@@ -91,22 +104,27 @@ def materialize_random(ctx: StageContext, models: DiffusionModels) -> None:
     ctx.timings["materialize_s"] = time.time() - t
 
 
-def finish(ctx: StageContext, images: torch.Tensor, png_prefix: str, matte: torch.nn.Module | None) -> None:
+def finish(ctx: StageContext, images: torch.Tensor, png_prefix: str,
+           matte_load: Future[torch.nn.Module] | None) -> None:
     """Alpha of every view with BiRefNet (the UNet is gone by now), then outputs and RGBA PNGs."""
-    if matte is None:
-        alphas = torch.ones(images.shape[0], *images.shape[-2:])
-        ctx.record(alpha="skipped in profile full-random: all ones")
-    else:
-        from up2you.encoders.birefnet import predict_alpha
+    with ctx.timed("matte_wait"):  # what the background load had not finished by now
+        matte = matte_load.result() if matte_load is not None else None
+    with ctx.timed("matte"):
+        if matte is None:
+            alphas = torch.ones(images.shape[0], *images.shape[-2:])
+            ctx.record(alpha="skipped in profile full-random: all ones")
+        else:
+            from up2you.encoders.birefnet import predict_alpha
 
-        matte.to(ctx.device)
-        alphas = predict_alpha(matte, images.to(ctx.device)).float().cpu()
-        matte.to("cpu")
-        ctx.free_memory()
-        ctx.record(alpha="birefnet")
-    ctx.save_tensors("outputs.safetensors", {"images": images.float().contiguous(), "alphas": alphas.contiguous()})
-    ctx.save_images([(f"{png_prefix}_{i:02d}.png", torch.cat([img, a[None]]))
-                     for i, (img, a) in enumerate(zip(images, alphas, strict=True))])
+            matte.to(ctx.device)
+            alphas = predict_alpha(matte, images.to(ctx.device)).float().cpu()
+            matte.to("cpu")
+            ctx.free_memory()
+            ctx.record(alpha="birefnet")
+    with ctx.timed("write"):
+        ctx.save_tensors("outputs.safetensors", {"images": images.float().contiguous(), "alphas": alphas.contiguous()})
+        ctx.save_images([(f"{png_prefix}_{i:02d}.png", torch.cat([img, a[None]]))
+                         for i, (img, a) in enumerate(zip(images, alphas, strict=True))])
 
 
 def prepare(ctx: StageContext) -> Prepared:
@@ -119,12 +137,13 @@ def run(ctx: StageContext, prepared: Prepared) -> None:
     refs = ctx.load_tensors("segment")["ref_rgbs"].float()
     expect("segment/outputs.safetensors ref_rgbs", refs, (None, 3, None, None), "rerun stage segment")
     nr = refs.shape[0]
+    matte_load = prepared.start_matte_load()
     weight_maps = ctx.load_tensors("weights")["weight_maps"].float()
     expect("weights/outputs.safetensors weight_maps", weight_maps, (p.views, nr, None, None),
            "rerun stage weights (one map per view and reference photo)")
     with torch.inference_mode():
         images = sample(ctx, prepared.models, RGB_PROMPT, poses, to_resolution(refs, p.resolution), weight_maps)
-    finish(ctx, images, "view", prepared.matte)
+    finish(ctx, images, "view", matte_load)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -137,12 +138,24 @@ def test_shipped_v3_keeps_v2_memory_and_is_a_fresh_fit_of_the_committed_data(tab
     spec = importlib.util.spec_from_file_location("fit_time_table", ROOT / "benchmarks" / "fit_time_table.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)  # type: ignore[union-attr]
-    assert script.build() == v3, "budgets/tables/up2you-v3.json is stale: run python benchmarks/fit_time_table.py"
+    # the least-squares fit repeats to the last bits only with the same BLAS: compare to 1e-9, not bit for bit
+    assert _same_numbers(script.build(), v3), "budgets/tables/up2you-v3.json is stale: run benchmarks/fit_time_table.py"
     prov = table.time.provenance
     for key in ("gpu", "torch", "date", "files", "method", "derived", "fit_max_rel_error", "worst_fit_error"):
         assert prov[key], key
     assert all((ROOT / f).is_file() for f in prov["files"])
     assert any("apose" in e for e in prov["excluded_rows"])  # the one-time nvdiffrast build
+
+
+def _same_numbers(a: object, b: object) -> bool:
+    """Equal structures, with floats equal to a relative 1e-9."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_numbers(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_numbers(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
+    return a == b
 
 
 def _benchmark_runs():

@@ -89,11 +89,11 @@ class MultiViewSampler:
             raise ValueError(f"pixel-aligned references need one per view: {references.shape[0]} != {n}")
         gen = torch.Generator(self.device).manual_seed(self.opt.seed)
         if self.opt.offload == "none":
-            self.m.vae.to(self.device, self.dtype)
+            self._timed("place_vae", self.m.vae.to, self.device, self.dtype)
         cond_emb, uncond_emb = self._timed("encode_prompt", self._encode_prompts, prompt)
         latents = self._randn((n, self.m.unet.config.in_channels, res // 8, res // 8), gen)
         ref_latents = self._timed("encode_refs", self._encode_references, references, gen)
-        self._place_unet()
+        self._timed("place_unet", self._place_unet)
         self._timed("reference_pass", self._reference_pass, ref_latents, cond_emb, weight_maps, n)
         del ref_latents
         features = self._timed("pose_adapter", self._pose_features, control)
