@@ -58,7 +58,7 @@ def test_run_prestarts_the_next_stage_and_resumes(photos, tmp_path, gpu24, fake_
     views, rgb = ran[1], ran[2]
     # rgb was started when views got `go`, and was ready (imported, prepared) before views ended
     assert rgb.ready_s is not None and rgb.ready_s < views.started_s + views.wall_s
-    assert rgb.hidden_startup_s > 1.0
+    assert rgb.hidden_startup_s > 0.5  # its import of torch (about 1-5 s here), which a stage not pre-started pays
     assert rgb.started_s >= views.started_s + views.wall_s  # but `go` came only after views exited
     record = json.loads((out / "run.json").read_text())
     assert record["overlap_saved_s"] >= rgb.hidden_startup_s

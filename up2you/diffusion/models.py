@@ -20,6 +20,7 @@ from up2you.diffusion.adapter import AdapterBundle, build_pose_adapter
 from up2you.diffusion.processors import AttentionContext, MVRefAttnProcessor, install_processors
 from up2you.diffusion.scheduler import SD21_SCHEDULER_CONFIG
 from up2you.meta_init import materialize, meta_parameters
+from up2you.pages import make_resident
 
 # SD 2.1-base's UNet: 3 CrossAttnDown + DownBlock2D, UpBlock2D + 3 CrossAttnUp, linear projections.
 # (diffusers reads attention_head_dim as the number of heads for this model: 5/10/20/20 heads of 64.)
@@ -90,23 +91,13 @@ def load_sd21(folder: Path | str, adapter_file: Path | str) -> DiffusionModels:
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, **local)
     for module in (unet, vae, text_encoder):  # their parameters are the memory-mapped files
-        touch_pages(module.parameters())
+        make_resident(module.parameters())
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **local)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     with meta_parameters():  # the adapters' parameters come from the file: no default initialisation
         models = _attach_adapters(unet, vae, text_encoder, tokenizer, scheduler_config)
     models.bundle.load_file(adapter_file)
     return models
-
-
-@torch.no_grad()
-def touch_pages(tensors: Any) -> None:
-    """Read one element per 4 KiB page of memory-mapped tensors (diffusers and transformers map the
-    safetensors files), so the files are read now, in `prepare` while an earlier stage runs, and not
-    page by page when `go` moves the weights to the GPU (from disk, on a first run)."""
-    for t in tensors:
-        if t.numel():
-            t.reshape(-1)[:: max(1, 4096 // t.element_size())].sum()
 
 
 def random_sd21(seed: int = 0, materialize: bool = True) -> DiffusionModels:
