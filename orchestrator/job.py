@@ -47,7 +47,7 @@ from orchestrator.planner import (
 )
 from orchestrator.prestart import startup_report
 from orchestrator.probe import GpuInfo, NoSuchGpu, Probe, ProbeError, default_probe, select_gpu
-from orchestrator.report import collect_deliverables, plot_timeline, write_json
+from orchestrator.report import collect_deliverables, plot_timeline, warm_up_plotting, write_json
 from orchestrator.runner import AUTO_RESERVE, PipelineResult, RunContext, run_pipeline
 from orchestrator.sizes import gib, parse_size
 from orchestrator.weightfiles import missing_message, verify_checkpoint, weights_record
@@ -336,6 +336,7 @@ def _run_locked(
 ) -> RunReport:  # fmt: skip
     """The part of a run that writes into `out`: only ever one at a time per folder (the caller holds its lock)."""
     inputs, budget, choice = jp.inputs, jp.budget, jp.choice
+    warm_up_plotting()  # the timeline plot comes after the last stage: its import happens while they run
     job.root.mkdir(parents=True, exist_ok=True)
     job.write_inputs(inputs.record())
     ctx = RunContext(job, pipeline, jp.table, len(inputs.photos), inputs.key, jp.constraints, jp.base, budget.bytes,
