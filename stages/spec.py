@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from stages.plan import Plan
 
-# Exit codes: the contract between a stage process and the runner (sysexits.h where one fits).
 CPROFILE_ENV = "UP2YOU_CPROFILE"  # comma list of stages whose `run` is profiled (stages.harness)
 CPROFILE_FILE = "cprofile.txt"  # written into the stage folder, not an output
 
+# Exit codes: the contract between a stage process and the runner (sysexits.h where one fits).
 EXIT_OK = 0
 EXIT_BAD_INPUT = 65  # EX_DATAERR: an input photo or artifact is unusable
 EXIT_MISSING_WEIGHTS = 66  # EX_NOINPUT: a checkpoint file is missing

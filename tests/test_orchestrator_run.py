@@ -50,9 +50,14 @@ def _wait_for(predicate, timeout: float = 60.0) -> None:
 
 def test_run_prestarts_the_next_stage_and_resumes(photos, tmp_path, gpu24, fake_table, monkeypatch) -> None:
     monkeypatch.setenv("FAKE_RUN_S", "views=6")  # longer than a cold `import torch` here (~3-5 s)
+    monkeypatch.setenv("UP2YOU_CPROFILE", "views")  # the benchmark's --cprofile: a profile beside, not an output
     out = tmp_path / "out"
     report = _run(photos, out, gpu24, fake_table)
     assert report.ok, report.message
+    profile = out / "job" / "views" / "cprofile.txt"
+    assert "cumulative" in profile.read_text() and "run_fake" in profile.read_text()
+    assert not (out / "job" / "prep" / "cprofile.txt").exists()
+    assert "cprofile.txt" not in (JobDir(out / "job").read_manifest("views") or {})["outputs"]
     ran = report.pipeline_result.attempts
     assert [a.stage for a in ran] == ["prep", "views", "rgb", "mesh"]
     views, rgb = ran[1], ran[2]
