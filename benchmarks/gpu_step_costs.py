@@ -111,7 +111,7 @@ def measure_branches(master: Any, args: argparse.Namespace, device: torch.device
     sampler = PreparedSampler(copy.deepcopy(master), device, torch.float16, SamplerOptions(ref_chunk=N_REFS))
     branches = ("cond", "uncond", "cfg")
 
-    def timed() -> dict[str, float]:
+    def timed(reference: torch.Tensor) -> dict[str, float]:
         out = {b: time_ms(lambda b=b: sampler.branch(b), args.repeats) for b in branches}
         # how far this variant's conditional prediction is from the default's (equal maths, other rounding)
         out["cond_max_abs_diff"] = float((sampler.branch("cond").float() - reference).abs().max())
@@ -126,18 +126,18 @@ def measure_branches(master: Any, args: argparse.Namespace, device: torch.device
             ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
             try:
                 with ctx:
-                    costs[name] = timed()
+                    costs[name] = timed(reference)
             except RuntimeError as exc:  # a backend that cannot run these shapes
                 costs[name] = {"error": str(exc).splitlines()[0]}
             print(name, costs[name], flush=True)
         sampler.m.unet.to(memory_format=torch.channels_last)
-        costs["channels_last"] = timed()
+        costs["channels_last"] = timed(reference)
         print("channels_last", costs["channels_last"], flush=True)
         sampler.m.unet.to(memory_format=torch.contiguous_format)
         if args.compile:
             t = time.perf_counter()
             sampler.m.unet = torch.compile(sampler.m.unet)
-            costs["compile"] = {**timed(), "compile_and_time_s": round(time.perf_counter() - t, 1)}
+            costs["compile"] = {**timed(reference), "compile_and_time_s": round(time.perf_counter() - t, 1)}
             print("compile", costs["compile"], flush=True)
     torch.cuda.empty_cache()
     return counted, costs

@@ -84,7 +84,7 @@ def run_one(name: str, photos: Path, out: Path, args: argparse.Namespace, table:
     wall = time.monotonic() - t
     os.environ[PRESTART_ENV] = "1"
     os.environ.pop(AHEAD_ENV, None)
-    for stage in filter(None, os.environ.get(CPROFILE_ENV, "").split(",")):  # --cprofile: keep each profile
+    for stage in filter(None, args.cprofile.split(",")):  # --cprofile: keep each profile beside benchmark.json
         prof = JobDir(report.job_dir).path(stage, CPROFILE_FILE)
         if prof.is_file():
             args.out.mkdir(parents=True, exist_ok=True)
