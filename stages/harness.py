@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import errno
 import gc
+import importlib
 import io
 import os
 import pickle
@@ -112,6 +113,15 @@ def png_bytes(image: np.ndarray | torch.Tensor) -> bytes:
     out = io.BytesIO()
     Image.fromarray(image).save(out, format="PNG")
     return out.getvalue()
+
+
+def import_ahead(*modules: str) -> None:
+    """Import, in `prepare`, modules that `run` needs: a pre-started stage then pays them while the stage
+    before it runs, not after `go`. Pure-Python imports only (no CUDA before `go`); a module that is not
+    installed is left for `run` to report or fall back from."""
+    for module in modules:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
 
 
 class StageContext:

@@ -56,10 +56,11 @@ class Prepared:
 
 def load_models(ctx: StageContext, adapter_key: str) -> Prepared:
     """Host-memory models for the profile; a missing file raises MissingWeightsError (exit 66)."""
-    quiet_libraries()
+    with ctx.timed("import_libraries"):
+        quiet_libraries()
     if ctx.profile == "full-random":  # shapes only (meta): `sample` materialises them in `run`
         return Prepared(random_sd21(materialize=False), None)
-    models = load_for_profile(ctx.profile, ctx.ckpt("sd21"), ctx.ckpt(adapter_key))
+    models = load_for_profile(ctx.profile, ctx.ckpt("sd21"), ctx.ckpt(adapter_key), ctx.timed)
     return Prepared(models, ctx.ckpt("birefnet"))
 
 

@@ -94,3 +94,14 @@ def test_oom_classifier_knows_every_disguise() -> None:
     assert is_oom(RuntimeError("Cuda error: 2[cudaErrorMemoryAllocation];"))
     assert not is_oom(RuntimeError("shape mismatch"))
     assert not is_oom(ValueError("out of memory"))
+
+
+def test_import_ahead_imports_what_is_installed_and_leaves_the_rest_to_run() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from stages.harness import import_ahead; "
+            "import_ahead('colorsys', 'no_such_module_up2you', 'json.tool'); "
+            "print('colorsys' in sys.modules, 'json.tool' in sys.modules, 'no_such_module_up2you' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "False"]

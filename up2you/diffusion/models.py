@@ -8,7 +8,10 @@ here too and filled from the released adapter file through `AdapterBundle` (stri
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,13 @@ from up2you.diffusion.processors import AttentionContext, MVRefAttnProcessor, in
 from up2you.diffusion.scheduler import SD21_SCHEDULER_CONFIG
 from up2you.meta_init import materialize, meta_parameters
 from up2you.pages import make_resident
+
+PhaseTimer = Callable[[str], AbstractContextManager[None]]  # e.g. a stage's `ctx.timed`
+
+
+def _untimed(phase: str) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
 
 # SD 2.1-base's UNet: 3 CrossAttnDown + DownBlock2D, UpBlock2D + 3 CrossAttnUp, linear projections.
 # (diffusers reads attention_head_dim as the number of heads for this model: 5/10/20/20 heads of 64.)
@@ -76,27 +86,35 @@ def _attach_adapters(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module | 
                            scheduler_config, context, processors)
 
 
-def load_sd21(folder: Path | str, adapter_file: Path | str) -> DiffusionModels:
+def load_sd21(folder: Path | str, adapter_file: Path | str, timed: PhaseTimer | None = None) -> DiffusionModels:
     """SD 2.1-base from its diffusers folder (local files only) plus a released UP2You adapter file.
 
     The caller checks the files first (ctx.ckpt raises MissingWeightsError); sizes come from the configs,
-    so the same code loads the real and the tiny checkpoints.
+    so the same code loads the real and the tiny checkpoints. `timed(phase)` (a stage's `ctx.timed`) times
+    each part: this is the start-up that pre-start must hide, and where it goes decides what to shorten.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    timed = timed or _untimed
+    with timed("import_models"):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
     local = dict(local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, **local)
-    for module in (unet, vae, text_encoder):  # their parameters are the memory-mapped files
-        make_resident(module.parameters())
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **local)
+    with timed("load_unet"):
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local)
+    with timed("load_vae"):
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
+    with timed("load_text_encoder"):
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, **local)
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **local)
+    with timed("make_resident"):
+        for module in (unet, vae, text_encoder):  # their parameters are the memory-mapped files
+            make_resident(module.parameters())
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    with meta_parameters():  # the adapters' parameters come from the file: no default initialisation
-        models = _attach_adapters(unet, vae, text_encoder, tokenizer, scheduler_config)
-    models.bundle.load_file(adapter_file)
+    with timed("load_adapter"):
+        with meta_parameters():  # the adapters' parameters come from the file: no default initialisation
+            models = _attach_adapters(unet, vae, text_encoder, tokenizer, scheduler_config)
+        models.bundle.load_file(adapter_file)
     return models
 
 
@@ -131,10 +149,11 @@ def materialize_models(models: DiffusionModels, device: torch.device | str = "cp
     return models
 
 
-def load_for_profile(profile: str, sd_folder: Path | None, adapter_file: Path | None) -> DiffusionModels:
+def load_for_profile(profile: str, sd_folder: Path | None, adapter_file: Path | None,
+                     timed: PhaseTimer | None = None) -> DiffusionModels:
     """`real`/`tiny` load files with the same code; `full-random` builds the full-size layout."""
     if profile == "full-random":
         return random_sd21()
     if sd_folder is None or adapter_file is None:
         raise ValueError(f"profile {profile!r} needs the SD 2.1 folder and the adapter file")
-    return load_sd21(sd_folder, adapter_file)
+    return load_sd21(sd_folder, adapter_file, timed)
