@@ -31,11 +31,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from budgets.table import table_gpu
 from orchestrator.console import gpu_table, ledger_table, plan_table
 from orchestrator.fleet.queue import BACKENDS, FleetOptions, parse_gpus, run_fleet
 from orchestrator.fleet.subjects import Subject, detect_subjects
 from orchestrator.inputs import EXIT_USAGE, InputError
-from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, input_notes, plan_job, run_job
+from orchestrator.job import SMOKE_TEST, JobError, RunOptions, default_out_dir, plan_job, plan_notes, run_job
 from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.probe import ProbeError, default_probe
 from orchestrator.runner import cpu_note
@@ -192,6 +193,8 @@ def _print_plan(input_dir: Path, options: RunOptions, json_out: bool) -> None:
     jp = plan_job(input_dir, options, **job_doubles())
     if json_out:
         print(json.dumps({"plan": jp.choice.plan.to_dict(), "label": jp.choice.candidate.label,
+                          "table": {"name": jp.table.name, "version": jp.table.version,
+                                    "measured_on": table_gpu(jp.table), "path": jp.table.path},
                           "budget_bytes": jp.budget.bytes, "budget_source": jp.budget.source,
                           "degradations": list(jp.choice.degradations),
                           "stages": {f.stage: {"predicted_bytes": f.prediction.total_bytes, "need_bytes": f.need_bytes}
@@ -199,7 +202,7 @@ def _print_plan(input_dir: Path, options: RunOptions, json_out: bool) -> None:
                           "predicted_seconds": jp.choice.times.to_dict() if jp.choice.times else None}, indent=1))  # fmt: skip
         return
     con = Console()
-    for line in input_notes(jp.inputs):
+    for line in plan_notes(jp):
         con.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
     if options.tiny:
         con.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")

@@ -304,8 +304,8 @@ def main() -> int:
         bad = [n for n in names if n not in RUNS]
         if bad:
             ap.error(f"unknown runs {bad}; choose from {RUNS}")
-        table = load_table(args.table)
         gpu = next(g for g in NvmlProbe().gpus() if str(g.index) == args.gpu)
+        table = load_table(args.table, gpu_name=gpu.name)  # as a job picks it: measured on this GPU if any is
         photos = write_photos(args.work / "photos")
         written = write_weights(args.weights_cache) if args.profile == "full-files" else {}
         warm_up()

@@ -185,18 +185,30 @@ def table_from_dict(d: Mapping[str, Any], path: str = "") -> BudgetTable:
     )  # fmt: skip
 
 
-def load_table(path: Path | str | None = None, pipeline: str = "up2you") -> BudgetTable:
-    """Load a table file, or the newest version in budgets/tables/ for `pipeline`."""
+def table_gpu(table: BudgetTable) -> str:
+    """The GPU a table was measured on, as NVML names it ('' when the provenance does not say)."""
+    gpu = str(table.provenance.get("gpu", ""))
+    return gpu.split(" (")[0].strip()  # v1: "NVIDIA H100 80GB HBM3 (measured rows); other coefficients ..."
+
+
+def measured_on(table: BudgetTable, gpu_name: str | None) -> bool:
+    """Whether `table` was measured on a GPU of this name (NVML's, compared without case)."""
+    return bool(gpu_name) and table_gpu(table).casefold() == str(gpu_name).strip().casefold()
+
+
+def load_table(path: Path | str | None = None, pipeline: str = "up2you", gpu_name: str | None = None) -> BudgetTable:
+    """Load a table file; or, from budgets/tables/, the newest version for `pipeline` measured on a GPU named
+    `gpu_name` (memory context, workspaces and every time term depend on the GPU), else the newest of all."""
     if path is None:
         candidates = []
         for p in sorted(TABLES_DIR.glob("*.json")):
             d = json.loads(p.read_text())
             if d.get("pipeline") == pipeline:
-                candidates.append((int(d["version"]), p, d))
+                candidates.append(table_from_dict(d, str(p)))
         if not candidates:
             raise FileNotFoundError(f"no budget table for pipeline {pipeline!r} in {TABLES_DIR}")
-        _, p, d = max(candidates, key=lambda c: c[0])
-        return table_from_dict(d, str(p))
+        same_gpu = [t for t in candidates if measured_on(t, gpu_name)]
+        return max(same_gpu or candidates, key=lambda t: t.version)
     return table_from_dict(json.loads(Path(path).read_text()), str(path))
 
 

@@ -464,11 +464,12 @@ def calibrate(
     """Run the grid (or part K of N of it), fit it together with `earlier` measurements (other parts, from
     their measurements.json), write the table (budgets/tables/<pipeline>-v<next>.json unless `out`)."""
     t0 = time.monotonic()
-    template = template or load_table(pipeline=pipeline.name)
     gpu_info: GpuInfo | None = None
     if device == "cuda":
         probe = probe or NvmlProbe()
         gpu_info = select_gpu(probe.gpus(), gpu)
+    # the template gives the structure and the terms the grid cannot fit: this GPU's own table where there is one
+    template = template or load_table(pipeline=pipeline.name, gpu_name=gpu_info.name if gpu_info else None)
     profile, weights, knobs = "full-random", "", dict(FAST_KNOBS)
     if tiny:
         from orchestrator.corrections import cache_dir

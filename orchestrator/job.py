@@ -26,7 +26,7 @@ import psutil
 from rich.console import Console
 from rich.markup import escape
 
-from budgets.table import BudgetTable, load_table
+from budgets.table import BudgetTable, load_table, measured_on, table_gpu
 from orchestrator.admission import SIBLING_WAIT_S, Wait, holders, wait_kind, wait_line
 from orchestrator.console import ProgressPrinter, plan_table
 from orchestrator.corrections import Corrections, cache_dir
@@ -226,7 +226,6 @@ def plan_job(
         inputs = scan_inputs(input_dir)
     except InputError as exc:
         raise JobError(str(exc), exc.exit_code) from None
-    table = table or load_table(options.table, pipeline.name)
     probe = probe or _default_probe(options.device)
     try:
         ledger = Ledger(probe=probe) if probe is not None else None
@@ -234,6 +233,7 @@ def plan_job(
         _check_vram_fits_card(options.vram, gpu)
     except LedgerError as exc:
         raise JobError(str(exc), EXIT_DISK_FULL) from None
+    table = table or load_table(options.table, pipeline.name, gpu.name if gpu else None)
     smoke = options.tiny
     constraints = Constraints(options.views or (6 if smoke else None), options.resolution or (256 if smoke else None),
                               options.steps or (4 if smoke else None), options.thg_interval, options.prefer,
@@ -307,7 +307,7 @@ def run_job(
     job = JobDir(out / "job")
     if options.tiny:
         console.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
-    for line in input_notes(inputs):
+    for line in plan_notes(jp):
         console.print(f"[dim]note: {escape(line)}[/dim]", highlight=False, soft_wrap=True)
     console.print(plan_table(pipeline, choice, f"plan: {choice.candidate.label} — budget {budget.source}"))
     for d in choice.degradations:
@@ -399,6 +399,21 @@ def _default_probe(device: str) -> Probe | None:
 def input_notes(inputs: InputSet) -> list[str]:
     """What the scan did about odd inputs, one line each (printed as notes before the plan)."""
     return [f"{shown(p.name)} is not an image, ignored" for p in inputs.ignored] + list(inputs.notes)
+
+
+def plan_notes(jp: JobPlan) -> list[str]:
+    """The notes printed before the plan: odd inputs, and a budget table measured on another GPU."""
+    return input_notes(jp.inputs) + ([note] if (note := table_note(jp.table, jp.budget.gpu)) else [])
+
+
+def table_note(table: BudgetTable, gpu: GpuInfo | None) -> str | None:
+    """Say so when no table was measured on this GPU: its memory terms are tensor sizes and carry over (each
+    stage's measured peak corrects the next plan), but the CUDA context and every predicted second are that GPU's."""
+    if gpu is None or measured_on(table, gpu.name):
+        return None
+    return (f"budget table {table.name} v{table.version} was measured on {table_gpu(table) or 'another GPU'}, not "
+            f"on this {gpu.name}: predicted times are that GPU's; `up2you-budget calibrate --gpu {gpu.index}` "
+            "measures this one")
 
 
 def _check_vram_fits_card(vram: str, gpu: GpuInfo | None) -> None:

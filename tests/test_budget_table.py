@@ -130,3 +130,21 @@ def test_mesh_view_chunk_scales_only_the_per_view_rasterisation_term() -> None:
         assert {k: v for k, v in p.breakdown.items() if k != per_view} == \
             {k: v for k, v in full.breakdown.items() if k != per_view}
     assert "mesh_view_chunk" in table.provenance["derived_predictions"]
+
+
+def test_a_table_measured_on_this_gpu_wins_over_a_newer_one_from_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table) -> None:  # fmt: skip
+    d = table.to_dict()
+    gpus = {1: "NVIDIA H100 80GB HBM3 (measured rows); other coefficients derived", 2: "NVIDIA H200",
+            3: "NVIDIA H100 80GB HBM3", 4: "NVIDIA H200", 5: "NVIDIA H100 80GB HBM3"}
+    for v, gpu in gpus.items():
+        (tmp_path / f"t{v}.json").write_text(json.dumps({**d, "version": v, "name": f"v{v}",
+                                                         "provenance": {**d["provenance"], "gpu": gpu}}))
+    monkeypatch.setattr("budgets.table.TABLES_DIR", tmp_path)
+    assert load_table(gpu_name="NVIDIA H200").name == "v4"  # not v5, measured on the H100
+    assert load_table(gpu_name="nvidia h100 80gb hbm3").name == "v5"
+    assert load_table(gpu_name="NVIDIA A100-SXM4-40GB").name == "v5"  # none measured there: the newest
+    assert load_table().name == "v5"
+    (tmp_path / "t5.json").unlink()
+    (tmp_path / "t3.json").unlink()
+    assert load_table(gpu_name="NVIDIA H100 80GB HBM3").name == "v1"  # v1's provenance names the GPU first

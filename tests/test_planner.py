@@ -167,3 +167,21 @@ def test_video_frames_go_in_smaller_batches_only_when_the_default_does_not_fit(t
     assert not next(f for f in bigger if f.stage == "video").fits  # the largest batch that fits, not smaller
     assert any("video frames 8 ->" in d for d in tight.degradations)
     assert UP2YOU.keys(p, "in") == UP2YOU.keys(p.replace(video_chunk=8), "in")  # memory only: no key changes
+
+
+def test_the_plan_says_when_its_table_was_measured_on_another_gpu(photos) -> None:
+    from budgets.table import measured_on
+    from orchestrator.job import RunOptions, plan_job, plan_notes
+    from orchestrator.probe import SimulatedGpu, SimulatedProbe
+
+    def planned(name: str):
+        return plan_job(photos, RunOptions(vram="12GB", plan_only=True), SimulatedProbe(SimulatedGpu(80 * GiB, name=name)))
+
+    for name, version in (("NVIDIA H100 80GB HBM3", 3), ("NVIDIA H200", 4)):  # each has its own table
+        jp = planned(name)
+        assert jp.table.version == version and measured_on(jp.table, name)
+        assert not [n for n in plan_notes(jp) if "measured on" in n]
+    other = planned("NVIDIA A100-SXM4-80GB")  # none: the newest, said so
+    notes = [n for n in plan_notes(other) if "measured on" in n]
+    assert other.table.version == 4 and len(notes) == 1
+    assert "NVIDIA H200, not on this NVIDIA A100-SXM4-80GB" in notes[0] and "calibrate --gpu 0" in notes[0]
