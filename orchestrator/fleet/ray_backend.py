@@ -16,8 +16,9 @@ import json
 import math
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
 
@@ -35,7 +36,33 @@ from orchestrator.runner import AUTO_RESERVE
 from stages.spec import EXIT_INTERRUPTED, EXIT_NO_DEVICE
 
 if TYPE_CHECKING:
-    from orchestrator.fleet.queue import Fleet
+    from orchestrator.fleet.progress import FleetView
+    from orchestrator.fleet.subjects import Subject
+
+
+class RayKnobs(Protocol):
+    """The fleet options this backend reads (orchestrator.fleet.queue.FleetOptions has them)."""
+
+    address: str | None
+    jobs_per_gpu: int | None
+    worker_retries: int
+    poll_s: float
+
+
+class FleetRun(Protocol):
+    """What this backend needs of the queue's run (orchestrator.fleet.queue.Fleet), declared here so that
+    the backend does not import the queue that starts it."""
+
+    fleet: RayKnobs
+    options: RunOptions
+    subjects: Mapping[str, Subject]
+    records: list[SubjectRecord]
+    fingerprints: dict[str, dict[str, Any]]
+    view: FleetView
+
+    def now(self) -> float: ...
+
+    def plan_need(self, rec: SubjectRecord, slot: Slot) -> tuple[int, str] | JobError: ...
 
 AUTO_JOBS_PER_GPU = 8
 TASK_FILE = "ray_task.json"  # written by the task when it starts on a worker: where it runs
@@ -79,7 +106,7 @@ def _largest_vram_gib() -> float:
     return max(sizes, default=0.0)
 
 
-def run_on_ray(fleet: Fleet, todo: list[SubjectRecord]) -> None:
+def run_on_ray(fleet: FleetRun, todo: list[SubjectRecord]) -> None:
     """Submit every subject in `todo`, follow them, record how each ended (see the module docstring)."""
     _connect(fleet.fleet.address)
     largest = _largest_vram_gib()
@@ -125,7 +152,7 @@ def run_on_ray(fleet: Fleet, todo: list[SubjectRecord]) -> None:
         raise
 
 
-def _follow(fleet: Fleet, rec: SubjectRecord, log: JobLog) -> None:
+def _follow(fleet: FleetRun, rec: SubjectRecord, log: JobLog) -> None:
     """A task that has started on a worker says so in OUT/NAME/ray_task.json; its log gives the stage."""
     if rec.outcome != "running":
         try:
@@ -137,7 +164,7 @@ def _follow(fleet: Fleet, rec: SubjectRecord, log: JobLog) -> None:
     rec.activity = log.update()
 
 
-def _finish(fleet: Fleet, rec: SubjectRecord, log: JobLog, ref: Any) -> None:
+def _finish(fleet: FleetRun, rec: SubjectRecord, log: JobLog, ref: Any) -> None:
     _follow(fleet, rec, log)
     log.update()
     try:
