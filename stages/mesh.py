@@ -13,22 +13,29 @@ import numpy as np
 import torch
 
 from stages.harness import BadInputError, StageContext, import_ahead, stage_main
+from up2you.geometry.assets import hand_assets
+from up2you.geometry.colors import project_colors
+from up2you.geometry.hands import replace_hands
+from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals
+from up2you.geometry.objfile import write_obj
+from up2you.geometry.poisson import PoissonUnavailable, poisson
+from up2you.geometry.reconstruct import fit_goal, fit_mesh, normal_targets
+from up2you.render import get_rasterizer
+from up2you.views import color_weights
 
 NAME = "mesh"
 BOUND, RADIUS = 1.8, 2.0
 POISSON_DEPTH = 10
 
 
-# what `run` imports (the remesher, k-d tree, Poisson, OBJ/GLB writers): 2.3 s after `go` on the H200 before
-RUN_IMPORTS = ("up2you.geometry.colors", "up2you.geometry.hands", "up2you.geometry.poisson",
-               "up2you.geometry.reconstruct", "up2you.geometry.objfile", "up2you.render.nvdiffrast_backend",
-               "nvdiffrast.torch", "scipy.spatial", "scipy.sparse.csgraph", "pymeshlab", "trimesh")  # fmt: skip
+# what `run` imports only when it gets there (rasterizer, k-d tree, Poisson, GLB writer): with the modules
+# above, 2.3 s after `go` on the H200 before they moved ahead of it
+RUN_IMPORTS = ("up2you.render.nvdiffrast_backend", "nvdiffrast.torch", "scipy.spatial", "scipy.sparse.csgraph",
+               "pymeshlab", "trimesh")  # fmt: skip
 
 
 def prepare(ctx: StageContext) -> Any:
     """Hand vertex ids (restricted unpickler) and per-vertex landmark ids; `run`'s imports."""
-    from up2you.geometry.assets import hand_assets
-
     import_ahead(*RUN_IMPORTS)
     return hand_assets(ctx.ckpt, ctx.profile)
 
@@ -45,14 +52,6 @@ def _views(ctx: StageContext, stage: str, n: int, required: bool) -> dict[str, t
 
 
 def run(ctx: StageContext, assets: Any) -> None:
-    from up2you.geometry.colors import project_colors
-    from up2you.geometry.hands import replace_hands
-    from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals
-    from up2you.geometry.poisson import PoissonUnavailable, poisson
-    from up2you.geometry.reconstruct import fit_goal, fit_mesh, normal_targets
-    from up2you.render import get_rasterizer
-    from up2you.views import color_weights
-
     hand_ids, lmk = assets
     plan, dev = ctx.plan, ctx.device
     ap = ctx.load_tensors("apose")
@@ -102,8 +101,6 @@ def run(ctx: StageContext, assets: Any) -> None:
 
 def _write(ctx: StageContext, verts: torch.Tensor, faces: torch.Tensor, colors: torch.Tensor) -> None:
     import trimesh
-
-    from up2you.geometry.objfile import write_obj
 
     ctx.save_tensors("outputs.safetensors", {"verts": verts, "faces": faces, "colors": colors})
     rgba = np.concatenate([(colors.numpy() * 255 + 0.5).astype(np.uint8),

@@ -18,13 +18,18 @@ import numpy as np
 import torch
 
 from stages.harness import BadInputError, StageContext, import_ahead, stage_main
+from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals
+from up2you.render import get_rasterizer
+from up2you.render.camera import orbit_mvps
+from up2you.render.draw import normal_attr, render_attr
+from up2you.views import view_yaws
 
 NAME = "video"
 BOUND, RADIUS, FPS = 0.925, 1.0, 24
 
 
-RUN_IMPORTS = ("up2you.geometry.mesh_ops", "up2you.render.nvdiffrast_backend", "up2you.render.camera",
-               "up2you.render.draw", "up2you.views", "nvdiffrast.torch", "imageio.v2", "imageio.plugins.ffmpeg",
+# what `run` imports only when it gets there (rasterizer, encoders, contact sheet)
+RUN_IMPORTS = ("up2you.render.nvdiffrast_backend", "nvdiffrast.torch", "imageio.v2", "imageio.plugins.ffmpeg",
                "imageio_ffmpeg", "PIL.ImageDraw")  # fmt: skip
 
 
@@ -34,11 +39,6 @@ def prepare(ctx: StageContext) -> None:
 
 
 def run(ctx: StageContext, _: Any) -> None:
-    from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals
-    from up2you.render import get_rasterizer
-    from up2you.render.camera import orbit_mvps
-    from up2you.render.draw import normal_attr, render_attr
-
     plan, dev = ctx.plan, ctx.device
     m = ctx.load_tensors("mesh")
     if any(k not in m for k in ("verts", "faces", "colors")) or m["faces"].numel() == 0:
@@ -128,8 +128,6 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 def _contact_sheet(ctx: StageContext, tile: int = 256, cols: int = 10) -> np.ndarray:
     """Generated RGB views (and normal views when present) on white, each labelled with its yaw."""
     from PIL import Image, ImageDraw
-
-    from up2you.views import view_yaws
 
     rows_of: list[tuple[str, dict[str, torch.Tensor]]] = [("rgb", ctx.load_tensors("rgb"))]
     if ctx.job.path("normal", "outputs.safetensors").exists():
