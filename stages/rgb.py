@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.harness import BadInputError, StageContext, stage_main
+from up2you.diffusion.lean_imports import lean_imports
 from up2you.diffusion.models import DiffusionModels, load_for_profile, materialize_models, random_sd21
 from up2you.diffusion.pipeline import RGB_PROMPT, MultiViewSampler, SamplerOptions
 
@@ -57,7 +58,9 @@ class Prepared:
 def load_models(ctx: StageContext, adapter_key: str) -> Prepared:
     """Host-memory models for the profile; a missing file raises MissingWeightsError (exit 66)."""
     with ctx.timed("import_libraries"):
+        lean = lean_imports()  # before the first import of diffusers/transformers; the same model code runs
         quiet_libraries()
+    ctx.record(lean_imports=lean)
     if ctx.profile == "full-random":  # shapes only (meta): `sample` materialises them in `run`
         return Prepared(random_sd21(materialize=False), None)
     models = load_for_profile(ctx.profile, ctx.ckpt("sd21"), ctx.ckpt(adapter_key), ctx.timed)

@@ -127,7 +127,7 @@ def test_grid_parts_cover_the_grid_once_in_order() -> None:
         grid_part(grid, 3, 2)
 
 
-def test_full_length_points_end_the_grid_and_stay_out_of_the_memory_fit(fake_table) -> None:
+def test_full_length_points_end_the_grid_and_only_raise_a_stage_they_measure_higher(fake_table) -> None:
     from orchestrator.calibrate import fit_table, full_grid
 
     grid = full_grid()
@@ -142,5 +142,15 @@ def test_full_length_points_end_the_grid_and_stay_out_of_the_memory_fit(fake_tab
 
     short = [m(6, 3 * GiB, False), m(20, 5 * GiB, False)]
     a, _ = fit_table(fake_table, short, {})
-    b, _ = fit_table(fake_table, [*short, m(20, 40 * GiB, True)], {})
-    assert a.stages == b.stages and a.context_bytes == b.context_bytes
+    lower, _ = fit_table(fake_table, [*short, m(20, 4 * GiB, True)], {})  # below the fit: nothing changes
+    assert a.stages == lower.stages and a.context_bytes == lower.context_bytes
+    b, _ = fit_table(fake_table, [*short, m(12, 40 * GiB, True)], {})  # the mesh grew over its iterations
+    assert b.context_bytes == a.context_bytes and b.stages.keys() == a.stages.keys()
+    context = a.context_bytes
+    for views in (6, 12, 20):  # every plan raised by one factor: the short points' shape, the long one's height
+        pa, pb = (predict("mesh", Plan(views=views), 3, t).allocator_bytes for t in (a, b))
+        assert pb / pa == pytest.approx((40 * GiB - context) / predict("mesh", Plan(views=12), 3, a).allocator_bytes,
+                                        rel=1e-6)  # fmt: skip
+    assert predict("mesh", Plan(views=12), 3, b).total_bytes == pytest.approx(40 * GiB, rel=1e-6)
+    assert all("to cover 'p12True' (a full-length run" in t.source for t in b.stages["mesh"].terms if t.coef)
+    assert [s for s in a.stages if a.stages[s] != b.stages[s]] == ["mesh"]

@@ -240,7 +240,6 @@ def test_shipped_v4_is_the_h200s_times_over_v3s_memory_and_a_fresh_fit() -> None
     assert v4["provenance"]["gpu"] == "NVIDIA H200" and "H100" in v4["provenance"]["memory"]
     script = _fit_script()
     assert _same_numbers(script.build(script.H200), v4), "up2you-v4.json is stale: run benchmarks/fit_time_table.py"
-    assert load_table(gpu_name="NVIDIA H200").version == 4
     assert load_table(gpu_name="NVIDIA H100 80GB HBM3").version == 3
     prov = load_table(TABLES / "up2you-v4.json").time.provenance
     assert all((ROOT / f).is_file() for f in prov["files"])
@@ -251,18 +250,52 @@ def test_shipped_v4_is_the_h200s_times_over_v3s_memory_and_a_fresh_fit() -> None
         assert terms["BiRefNet alphas per view (real weights)"].kind == kind, version
 
 
+def test_shipped_v5_is_the_h200s_own_memory_and_times_and_a_fresh_fit() -> None:
+    from orchestrator.calibrate import load_measurements
+
+    script = _fit_script()
+    v5 = json.loads((TABLES / "up2you-v5.json").read_text())
+    assert _same_numbers(script.build(script.H200_V5), v5), "up2you-v5.json is stale: run benchmarks/fit_time_table.py"
+    assert load_table(gpu_name="NVIDIA H200").version == 5
+    table = load_table(TABLES / "up2you-v5.json")
+    assert table.provenance["gpu"] == "NVIDIA H200" and "measured on the H200" in table.provenance["memory"]
+    measured = [t for m in table.stages.values() for t in m.terms if t.kind == "measured"]
+    # the grid never peaks in BiRefNet (its photos have alphas) nor in a sliced decode: those terms keep the
+    # H100's measured coefficients, and say so
+    kept = [t.name for t in measured if "NVIDIA H200" not in t.source]
+    assert all("H100" in t.source for t in measured if t.name in kept) and len(kept) <= len(measured) // 10, kept
+    # every full-length peak the H200 measured, in the grid and in the whole runs, is covered
+    full = [m for m in load_measurements(script.H200_V5.memory) if m.full_length]
+    full += script.whole_run_peaks(script.H200_V5.benchmarks, script.LENGTH_DEPENDENT)
+    assert {m.stage for m in full} >= {"mesh", "video"} and len(full) > 10
+    for m in full:
+        predicted = predict(m.stage, Plan.from_dict(m.plan), m.n_refs, table).total_bytes
+        assert predicted >= m.nvml_peak * 0.999, (m.stage, m.point, predicted, m.nvml_peak)
+        if m.stage in ("mesh", "video"):  # ... and not by much: it is a fit, not a ceiling
+            assert predicted <= 1.25 * m.nvml_peak, (m.stage, m.point, predicted, m.nvml_peak)
+
+
 def test_h200_whole_runs_are_predicted_by_a_fit_that_never_saw_them() -> None:
-    """Leave-one-out over the five committed H200 runs: a prediction of data the fit did not see. Whole runs
-    came within -8.6 ... +2.1 %, 33 of the 40 stage walls within +-15 % (features took 1.9-4.4 s for the same
-    plan); this guards the fit against getting worse."""
-    result = _fit_script().leave_one_out(_fit_script().H200)
-    assert len(result["runs"]) == 5
-    for name, run in result["runs"].items():
-        assert abs(run["error_pct"]) <= 10, (name, run["error_pct"])
-        for stage in ("rgb", "normal", "mesh"):  # the long stages
-            assert abs(run["stages"][stage]["wall_error_pct"]) <= 20, (name, stage, run["stages"][stage])
-    within, total = (int(x) for x in result["stage_walls_within_15pct"].split(" of "))
-    assert total == 40 and within >= 33
+    """Leave-one-out over the five committed H200 runs: a prediction of data the fit did not see.
+
+    v4 (calibration parts 1-2): whole runs within -8.6 ... +2.1 %, 33 of the 40 stage walls within +-15 %
+    (features took 1.9-4.4 s for the same plan). v5 (the whole grid): the same, except that without the 8GB
+    run no row has model offload at more than 2 steps, where the per-step read of the pinned reference states
+    and their one-time pinning have proportional columns (2 x views x px): that split is not identified, and
+    8GB's rgb comes out +178 %. With the 8GB run in the fit (the shipped table) it is."""
+    script = _fit_script()
+    for fit, within_min, unidentified in ((script.H200, 33, ()), (script.H200_V5, 26, ("8GB",))):
+        result = script.leave_one_out(fit)
+        assert len(result["runs"]) == 5
+        for name, run in result["runs"].items():
+            if name in unidentified:
+                continue
+            assert abs(run["error_pct"]) <= 10, (fit.version, name, run["error_pct"])
+            for stage in ("rgb", "normal", "mesh"):  # the long stages
+                assert abs(run["stages"][stage]["wall_error_pct"]) <= 20, (fit.version, name, stage)
+        kept = [r for n, r in result["runs"].items() if n not in unidentified]
+        within = sum(abs(s["wall_error_pct"]) <= 15 for r in kept for s in r["stages"].values())
+        assert within >= within_min, (fit.version, within)
 
 
 def test_the_hand_off_comes_from_stages_whose_start_up_was_all_hidden() -> None:
