@@ -118,7 +118,7 @@ H200_V5 = TimeFit(
     source=RESULTS / "calibration" / "h200_2026-12-02_calibrated_table.json", target=TABLES_DIR / "up2you-v5.json",
     version=5, memory=RESULTS / "calibration" / "h200_2026-12-02_measurements.json",
     calibration=RESULTS / "calibration" / "h200_2026-12-02_measurements.json",  # all three parts, 22 points
-    benchmarks=H200.benchmarks,
+    benchmarks=(*H200.benchmarks, RESULTS / "h200" / "h200_full_files_5runs_lean_v5_2026-12-02.json"),
     provenance={
         **H200.provenance, "git": "calibration 9bf5273, whole runs 6d7356a",
         "method": "benchmarks/fit_time_table.py --gpu h200: per stage and part, NNLS on the relative error over "
@@ -227,11 +227,13 @@ def leave_one_out(fit: TimeFit) -> dict[str, Any]:
                                  "wall_error_pct": round(err, 1)}  # fmt: skip
                 within += abs(err) <= 15
                 total += 1
-            runs[name] = {"measured_s": run["wall_s"], "predicted_s": round(pt.total_s, 2),
-                          "error_pct": round(100 * (pt.total_s - run["wall_s"]) / run["wall_s"], 1),
-                          "stages": stages}  # fmt: skip
+            key = f"{path.stem}: {name}" if len(fit.benchmarks) > 1 else name
+            runs[key] = {"measured_s": run["wall_s"], "predicted_s": round(pt.total_s, 2),
+                         "error_pct": round(100 * (pt.total_s - run["wall_s"]) / run["wall_s"], 1),
+                         "stages": stages}  # fmt: skip
     return {"method": "each whole run predicted by a fit of every other row (the calibration points and the "
-                      "other whole runs) to it; stage walls against the runner's", "files": [
+                      "other whole runs; a run of the same name in another file is left out with it) to it; stage "
+                      "walls against the runner's", "files": [
                 str(p.relative_to(ROOT)) for p in (fit.calibration, *fit.benchmarks)],
             "stage_walls_within_15pct": f"{within} of {total}", "runs": runs}  # fmt: skip
 

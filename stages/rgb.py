@@ -60,7 +60,7 @@ def load_models(ctx: StageContext, adapter_key: str) -> Prepared:
     with ctx.timed("import_libraries"):
         lean = lean_imports()  # before the first import of diffusers/transformers; the same model code runs
         quiet_libraries()
-    ctx.record(lean_imports=lean)
+    ctx.record(lean_imports="; ".join(f"{k}: {', '.join(v)}" for k, v in lean.items() if v) or "off")
     if ctx.profile == "full-random":  # shapes only (meta): `sample` materialises them in `run`
         return Prepared(random_sd21(materialize=False), None)
     models = load_for_profile(ctx.profile, ctx.ckpt("sd21"), ctx.ckpt(adapter_key), ctx.timed)

@@ -279,21 +279,22 @@ def test_h200_whole_runs_are_predicted_by_a_fit_that_never_saw_them() -> None:
     """Leave-one-out over the five committed H200 runs: a prediction of data the fit did not see.
 
     v4 (calibration parts 1-2): whole runs within -8.6 ... +2.1 %, 33 of the 40 stage walls within +-15 %
-    (features took 1.9-4.4 s for the same plan). v5 (the whole grid): the same, except that without the 8GB
-    run no row has model offload at more than 2 steps, where the per-step read of the pinned reference states
-    and their one-time pinning have proportional columns (2 x views x px): that split is not identified, and
-    8GB's rgb comes out +178 %. With the 8GB run in the fit (the shipped table) it is."""
+    (features took 1.9-4.4 s for the same plan). v5 (the whole grid, two five-run invocations; a run is left
+    out with its namesake in the other invocation): the same, except that without the 8GB runs no row has
+    model offload at more than 2 steps, where the per-step read of the pinned reference states and their
+    one-time pinning have proportional columns (2 x views x px): that split is not identified, and 8GB's rgb
+    comes out far too long. With the 8GB runs in the fit (the shipped table) it is."""
     script = _fit_script()
-    for fit, within_min, unidentified in ((script.H200, 33, ()), (script.H200_V5, 26, ("8GB",))):
+    for fit, runs, within_min, unidentified in ((script.H200, 5, 33, ()), (script.H200_V5, 10, 52, ("8GB",))):
         result = script.leave_one_out(fit)
-        assert len(result["runs"]) == 5
+        assert len(result["runs"]) == runs
         for name, run in result["runs"].items():
-            if name in unidentified:
+            if name.split(": ")[-1] in unidentified:
                 continue
             assert abs(run["error_pct"]) <= 10, (fit.version, name, run["error_pct"])
             for stage in ("rgb", "normal", "mesh"):  # the long stages
                 assert abs(run["stages"][stage]["wall_error_pct"]) <= 20, (fit.version, name, stage)
-        kept = [r for n, r in result["runs"].items() if n not in unidentified]
+        kept = [r for n, r in result["runs"].items() if n.split(": ")[-1] not in unidentified]
         within = sum(abs(s["wall_error_pct"]) <= 15 for r in kept for s in r["stages"].values())
         assert within >= within_min, (fit.version, within)
 
