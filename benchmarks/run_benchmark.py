@@ -74,7 +74,7 @@ def run_one(name: str, photos: Path, out: Path, args: argparse.Namespace, table:
     shutil.rmtree(args.work / "runs" / name, ignore_errors=True)  # a warm machine must not resume an old run
     neighbour = (subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "20", "66"]) if name == "neighbour"
                  else None)  # fmt: skip
-    t = time.monotonic()
+    t, t_wall = time.monotonic(), time.time()
     try:
         report = run_job(photos, args.work / "runs" / name, opts, probe=NvmlProbe(), table=table)
     finally:
@@ -89,7 +89,10 @@ def run_one(name: str, photos: Path, out: Path, args: argparse.Namespace, table:
         if prof.is_file():
             args.out.mkdir(parents=True, exist_ok=True)
             shutil.copy(prof, args.out / f"{name}_{stage}_{CPROFILE_FILE}")
-    return summarise(name, report, wall, table)
+    result = summarise(name, report, wall, table)
+    if report.pipeline_result is not None:  # where the seconds outside the stages' walls are: before, between, after
+        result["runner_started_s"] = round(report.pipeline_result.started_at - t_wall, 3)
+    return result
 
 
 def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[str, Any]:
@@ -137,6 +140,10 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
         "plan_label": (r.choice if r else report.choice).candidate.label, "plan": plan.to_dict(),
         "replans": [p.__dict__ for p in r.replans] if r else [],
         "attempts": [[a.stage, a.attempt, a.outcome, a.plan_label] for a in r.attempts] if r else [], "stages": stages, "wall_s": round(wall, 3),
+        # per attempt (seconds from the runner's start): started (`go`), wall, ready (pre-start done)
+        "windows": [[a.stage, round(a.started_s, 3), round(a.wall_s, 3), round(a.ready_s, 3) if a.ready_s else None]
+                    for a in r.attempts if a.outcome != "skipped"] if r else [],
+        "exports": r.exports if r else {},
         "compute_s": round(compute, 3), "overhead_s": round(overhead, 3),
         "overhead_pct": round(100 * overhead / wall, 2) if wall else None,
         "materialize_s": round(sum(s["materialize_s"] or 0.0 for s in stages.values()), 3),
@@ -309,15 +316,18 @@ def main() -> int:
         photos = write_photos(args.work / "photos")
         written = write_weights(args.weights_cache) if args.profile == "full-files" else {}
         warm_up()
+        meta = {"gpu": gpu.name, "gpu_total_bytes": gpu.total, "table": f"{table.name}@v{table.version} ({table.path})",
+                "steps": 10 if args.quick else args.steps, "quick": args.quick, "profile": args.profile,
+                "weights": written, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": git_commit(),
+                "torch": torch_version(), "runs_asked": names}  # fmt: skip
         runs = {}
         for n in names:
             con.print(f"[bold]run {n}[/bold]")
             runs[n] = run_one(n, photos, args.out, args, table)
             con.print(f"  {runs[n]['plan_label']}: {runs[n]['wall_s']:.1f} s, ok={runs[n]['ok']} {runs[n]['message']}")
-        meta = {"gpu": gpu.name, "gpu_total_bytes": gpu.total, "table": f"{table.name}@v{table.version} ({table.path})",
-                "steps": 10 if args.quick else args.steps, "quick": args.quick, "profile": args.profile,
-                "weights": written, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": git_commit(),
-                "torch": torch_version()}  # fmt: skip
+            # after every run, so that an invocation cut short (a device lease that ends) keeps the runs it made
+            (args.out / "benchmark.partial.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1,
+                                                                        default=str))  # fmt: skip
     ceiling = (json.loads(args.step_costs.read_text())["thg_fixed3_50_steps"]["ceiling"] if args.step_costs
                else None)  # fmt: skip
     result = {"meta": meta, "runs": runs, "goals": goals(runs, ceiling)}

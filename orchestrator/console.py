@@ -120,6 +120,8 @@ class ProgressPrinter:
             c.print(f"[yellow]… waiting for GPU memory: {gib(free)} free, budget {gib(budget)}[/yellow]")
         elif kind == "wait":  # once per wait: who holds the GPU, how much is missing
             c.print(f"[yellow]… {escape(payload)}[/yellow]", highlight=False)
+        elif kind == "exports":  # the last stage is done; some deliverable files are still being written
+            c.print(f"[dim]… writing the deliverables of {', '.join(payload)}[/dim]")
         elif kind == "cpu":  # no GPU plan fits what is free: this stage runs on the CPU
             c.print(f"[yellow]⤓ {escape(payload)}[/yellow]", highlight=False)
 

@@ -171,6 +171,7 @@ class RunReport:
             "attempts_t0_wall": r.started_at if r else None,  # time.time() that the attempts' started_s count from
             "replans": [p.__dict__ for p in r.replans] if r else [],
             "overlap_saved_s": round(r.overlap_saved_s, 3) if r else 0.0,
+            "exports": r.exports if r else {},  # deliverable files written beside the later stages
             "cpu_stages": [{"stage": a.stage, "attempt": a.attempt, "outcome": a.outcome, "why": a.cpu_fallback}
                            for a in (r.attempts if r else []) if a.cpu_fallback],
             "waits": [w.__dict__ for w in self.waits + (r.waits if r else [])],

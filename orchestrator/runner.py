@@ -34,6 +34,7 @@ from budgets.table import BudgetTable, predict
 from orchestrator import prestart
 from orchestrator.admission import SIBLING_WAIT_S, Admitter, StageGone, Wait, wait_kind
 from orchestrator.corrections import Corrections, oom_factor
+from orchestrator.exports import Exports
 from orchestrator.ledger import Ledger, LedgerError, LedgerView, Reservation
 from orchestrator.monitor import MemorySampler, Sample
 from orchestrator.planner import (
@@ -121,6 +122,7 @@ class PipelineResult:
     overlap_saved_s: float
     waits: list[Wait] = field(default_factory=list)
     started_at: float = 0.0  # wall-clock time (time.time()) that the attempts' started_s count from
+    exports: dict[str, Any] = field(default_factory=dict)  # the deliverable exports (orchestrator.exports)
 
     @property
     def ok(self) -> bool:
@@ -217,6 +219,7 @@ class Runner:
         self.reservation: Reservation | None = None
         self.reclaimed: tuple[StageProcess, Reservation] | None = None  # a GPU process admitted to replace a CPU one
         self.admission_degrades = 0
+        self.exports = Exports(ctx.job, self.env, self.t0)
         self.cpu_stage: tuple[str, str] | None = None  # (stage, why): its next attempt runs on the CPU
         self.admitter = (Admitter(ctx.ledger, ctx.gpu, ctx.job_id, probe=ctx.probe, keep_free=AUTO_RESERVE,
                                   wait_for_vram_s=ctx.wait_for_vram_s, wait_for_siblings_s=ctx.wait_for_siblings_s,
@@ -228,6 +231,7 @@ class Runner:
         code, message = EXIT_OK, "done"
         try:
             self._loop()
+            self._wait_for_exports()
             cpu = cpu_stages(self.attempts)
             if cpu:
                 message = f"done; {cpu_note(cpu)}"
@@ -243,7 +247,18 @@ class Runner:
             self._cleanup()
         return PipelineResult(code, message, self.choice, self.attempts, self.replans, self.budget,
                               self.overlap_saved, self.admitter.waits if self.admitter else [],
-                              self.started_at)  # fmt: skip
+                              self.started_at, self.exports.record())  # fmt: skip
+
+    def _wait_for_exports(self) -> None:
+        """The job's deliverables are all written before it ends; a failed export fails the job (resumable)."""
+        if self.exports.running:
+            self.ctx.on_event("exports", sorted(self.exports.running))
+        failures = self.exports.wait_all()
+        if failures:
+            f = failures[0]
+            raise StageFailed(f.exit_code if f.exit_code > 0 else 1,
+                              f"writing the deliverables of stage {f.stage} failed: {f.message}; rerun to resume "
+                              "(every stage's result is kept)")  # fmt: skip
 
     def _loop(self) -> None:
         stages = self.ctx.pipeline.stages
@@ -256,6 +271,8 @@ class Runner:
                 self.attempts.append(Attempt(spec.name, 0, "skipped", None, keys[spec.name], self.choice.candidate.label,
                                              0, None, message="already done (same key)"))  # fmt: skip
                 self.ctx.on_event("skipped", spec.name)
+                if spec.exports:
+                    self.exports.start(spec.name)  # a resumed job whose files were never (fully) written
                 i += 1
                 continue
             proc = self.prestarted.pop(spec.name, None) or self._spawn(spec)
@@ -264,6 +281,8 @@ class Runner:
                 self.prestarted[spec.name] = proc
                 keys, i = self._switch(spec, keys, *degraded)
                 continue
+            if spec.exports:
+                self.exports.cancel(spec.name)  # an export of an earlier run of this stage must not write over it
             attempt = self._run_stage(spec, keys[spec.name], previous_exit, self._next_to_run(i + 1, keys), proc)
             previous_exit = self.running.exited_at if self.running else None
             self.running = None
@@ -275,6 +294,8 @@ class Runner:
                 if not self.ctx.job.is_done(spec.name, keys[spec.name]):
                     raise StageFailed(1, f"stage {spec.name} exited 0 without its manifest or outputs (a bug); "
                                          f"see {self.ctx.job.path(spec.name, 'log.txt')}")  # fmt: skip
+                if spec.exports:
+                    self.exports.start(spec.name)  # beside the next stage: no later stage reads these files
                 i += 1
                 continue
             if attempt.exit_code != EXIT_OOM:
@@ -632,6 +653,7 @@ class Runner:
     def _cleanup(self) -> None:
         if self.running is not None and self.running.poll() is None:
             self.running.kill()
+        self.exports.kill_all()  # after success they have all ended; otherwise a resume exports again
         if self.reclaimed is not None:  # interrupted between a hand-back and its GPU attempt
             self.prestarted[self.reclaimed[0].spec.name], self.reservation = self.reclaimed
             self.reclaimed = None

@@ -47,6 +47,7 @@ T0 = time.time()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from stages import export  # noqa: E402
 from stages.jobfs import JobDir, atomic_path, shown  # noqa: E402
 from stages.plan import Plan  # noqa: E402
 from stages.spec import (  # noqa: E402
@@ -99,20 +100,12 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 def png_bytes(image: np.ndarray | torch.Tensor) -> bytes:
     """HxWxC (or CxHxW tensor) in [0,1] float or uint8, encoded as PNG."""
-    from PIL import Image
-
     if isinstance(image, torch.Tensor):
         image = image.detach().float().cpu()
         if image.ndim == 3 and image.shape[0] in (1, 3, 4):
             image = image.permute(1, 2, 0)
         image = image.numpy()
-    if image.dtype != np.uint8:
-        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
+    return export.png_bytes(image)
 
 
 def import_ahead(*modules: str) -> None:

@@ -7,6 +7,7 @@ Layout::
     JOB/<stage>/*.safetensors|png   outputs, each written to a temporary name and renamed
     JOB/<stage>/error.msgpack       why the last attempt failed (kind, message, peak)
     JOB/<stage>/manifest.msgpack    written last: its presence with the right key means "done"
+    JOB/<stage>/export.msgpack      the deliverables (PNG, OBJ, GLB) stages.export wrote from those outputs
 
 The manifest holds the sha256 of every output: a truncated or garbage artifact (or manifest) is
 "not done", so that stage alone runs again, and nothing crashes on it.
@@ -30,6 +31,7 @@ INPUTS = "inputs.msgpack"
 REQUEST = "request.msgpack"
 MANIFEST = "manifest.msgpack"
 ERROR = "error.msgpack"
+EXPORT = "export.msgpack"
 
 
 @contextlib.contextmanager
@@ -163,9 +165,25 @@ class JobDir:
         return [f for f in m.get("outputs", []) if isinstance(f, str) and _digest(self.path(stage, f)) != sums.get(f)]
 
     def invalidate(self, stage: str) -> None:
-        """Forget a stage's result (its manifest); outputs are overwritten by the next run."""
+        """Forget a stage's result (its manifest, and the deliverables' record); outputs are overwritten by
+        the next run."""
+        for name in (MANIFEST, EXPORT):
+            with contextlib.suppress(FileNotFoundError):
+                self.path(stage, name).unlink()
+
+    def write_export(self, stage: str, record: dict[str, Any]) -> None:
+        write_msgpack(self.path(stage, EXPORT), record)
+
+    def clear_export(self, stage: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.path(stage, MANIFEST).unlink()
+            self.path(stage, EXPORT).unlink()
+
+    def is_exported(self, stage: str) -> bool:
+        """The deliverables were written from the outputs the manifest stands for, and are unchanged since."""
+        m, e = self.read_manifest(stage), _read_record(self.path(stage, EXPORT))
+        if not m or not e or e.get("key") != m.get("key") or not isinstance(e.get("files"), dict):
+            return False
+        return all(isinstance(f, str) and _digest(self.path(stage, f)) == h for f, h in e["files"].items())
 
     def sweep_temporaries(self, stage: str) -> None:
         """Remove `.tmp-*` files of this stage: a writer killed by SIGKILL never reached its own cleanup."""

@@ -17,7 +17,6 @@ from up2you.geometry.assets import hand_assets
 from up2you.geometry.colors import project_colors
 from up2you.geometry.hands import replace_hands
 from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals
-from up2you.geometry.objfile import write_obj
 from up2you.geometry.poisson import PoissonUnavailable, poisson
 from up2you.geometry.reconstruct import fit_goal, fit_mesh, normal_targets
 from up2you.render import get_rasterizer
@@ -28,10 +27,10 @@ BOUND, RADIUS = 1.8, 2.0
 POISSON_DEPTH = 10
 
 
-# what `run` imports only when it gets there (rasterizer, k-d tree, Poisson, GLB writer): with the modules
+# what `run` imports only when it gets there (rasterizer, k-d tree, Poisson): with the modules
 # above, 2.3 s after `go` on the H200 before they moved ahead of it
 RUN_IMPORTS = ("up2you.render.nvdiffrast_backend", "nvdiffrast.torch", "scipy.spatial", "scipy.sparse.csgraph",
-               "pymeshlab", "trimesh")  # fmt: skip
+               "pymeshlab")  # fmt: skip
 
 
 def prepare(ctx: StageContext) -> Any:
@@ -100,16 +99,8 @@ def run(ctx: StageContext, assets: Any) -> None:
 
 
 def _write(ctx: StageContext, verts: torch.Tensor, faces: torch.Tensor, colors: torch.Tensor) -> None:
-    import trimesh
-
+    """The tensors only: mesh.obj and mesh.glb are written from them by stages.export, beside the video stage."""
     ctx.save_tensors("outputs.safetensors", {"verts": verts, "faces": faces, "colors": colors})
-    rgba = np.concatenate([(colors.numpy() * 255 + 0.5).astype(np.uint8),
-                           np.full((len(colors), 1), 255, np.uint8)], axis=1)
-    with ctx.write_file("mesh.obj") as tmp:
-        write_obj(tmp, verts.numpy(), faces.numpy(), rgba[:, :3] / 255.0)  # the GLB's colour bytes
-    mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), vertex_colors=rgba, process=False)
-    with ctx.write_file("mesh.glb") as tmp:
-        mesh.export(tmp, file_type="glb")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def run(ctx: StageContext, prepared: Prepared) -> None:
     references = images * a + 0.5 * (1 - a)
     with torch.inference_mode():
         normals = sample(ctx, prepared.models, NORMAL_PROMPT, poses, references, None)
-    finish(ctx, normals, "normal", matte_load)
+    finish(ctx, normals, matte_load)
 
 
 if __name__ == "__main__":

@@ -108,9 +108,9 @@ def materialize_random(ctx: StageContext, models: DiffusionModels) -> None:
     ctx.timings["materialize_s"] = time.time() - t
 
 
-def finish(ctx: StageContext, images: torch.Tensor, png_prefix: str,
+def finish(ctx: StageContext, images: torch.Tensor,
            matte_load: Future[torch.nn.Module] | None) -> None:
-    """Alpha of every view with BiRefNet (the UNet is gone by now), then outputs and RGBA PNGs."""
+    """Alpha of every view with BiRefNet (the UNet is gone by now), then the outputs."""
     with ctx.timed("matte_wait"):  # what the background load had not finished by now
         matte = matte_load.result() if matte_load is not None else None
     with ctx.timed("matte"):
@@ -125,10 +125,8 @@ def finish(ctx: StageContext, images: torch.Tensor, png_prefix: str,
             matte.to("cpu")
             ctx.free_memory()
             ctx.record(alpha="birefnet")
-    with ctx.timed("write"):
+    with ctx.timed("write"):  # the RGBA PNGs are written from these by stages.export, beside the next stage
         ctx.save_tensors("outputs.safetensors", {"images": images.float().contiguous(), "alphas": alphas.contiguous()})
-        ctx.save_images([(f"{png_prefix}_{i:02d}.png", torch.cat([img, a[None]]))
-                         for i, (img, a) in enumerate(zip(images, alphas, strict=True))])
 
 
 def prepare(ctx: StageContext) -> Prepared:
@@ -147,7 +145,7 @@ def run(ctx: StageContext, prepared: Prepared) -> None:
            "rerun stage weights (one map per view and reference photo)")
     with torch.inference_mode():
         images = sample(ctx, prepared.models, RGB_PROMPT, poses, to_resolution(refs, p.resolution), weight_maps)
-    finish(ctx, images, "view", matte_load)
+    finish(ctx, images, matte_load)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ class StageSpec:
     checkpoints: tuple[str, ...] = ()  # keys of up2you.checkpoints.CHECKPOINTS it loads (profile "real")
     version: int = 1  # bump when the stage's code changes its output
     gpu: bool = True  # whether it uses the GPU at all (CPU-only stages get no memory cap)
+    exports: bool = False  # its deliverable files are written by stages.export beside the next stage
     doc: str = ""
 
     def key(self, plan: Plan, input_keys: Mapping[str, str]) -> str:
@@ -122,12 +123,13 @@ UP2YOU = Pipeline(
         StageSpec("weights", "stages.weights", reads=("segment", "features", "apose"), knobs=("views",),
                   checkpoints=("feature_aggregator",), doc="per-view reference weight maps (PCFA)"),
         StageSpec("rgb", "stages.rgb", reads=("segment", "apose", "weights"), knobs=_DIFFUSION_KNOBS,
-                  checkpoints=("sd21", "rgb_adapter", "birefnet"), doc="multi-view RGB diffusion"),
+                  checkpoints=("sd21", "rgb_adapter", "birefnet"), exports=True, doc="multi-view RGB diffusion"),
         StageSpec("normal", "stages.normal", reads=("apose", "rgb"), knobs=_DIFFUSION_KNOBS,
-                  checkpoints=("sd21", "normal_adapter", "birefnet"), doc="multi-view normal diffusion"),
+                  checkpoints=("sd21", "normal_adapter", "birefnet"), exports=True,
+                  doc="multi-view normal diffusion"),
         StageSpec("mesh", "stages.mesh", reads=("apose", "rgb", "normal"),
                   knobs=("views", "mesh_iters", "mesh_resolution"), checkpoints=("smplx", "mano_ids", "smplx_lmkid"),
-                  version=2,  # v2: upstream's colour weights at the six training views
+                  version=2, exports=True,  # v2: upstream's colour weights at the six training views
                   doc="continuous remeshing from SMPL-X, hands, Poisson, vertex colours"),
         StageSpec("video", "stages.video", reads=("mesh", "rgb", "normal"),
                   knobs=("video_frames", "video_resolution"), doc="turntable video and contact sheet"),

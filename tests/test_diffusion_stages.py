@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -66,9 +67,16 @@ def _check_outputs(job: Path, name: str, prefix: str) -> dict:
         assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0 and torch.isfinite(t).all()
     from PIL import Image
 
+    # the RGBA PNGs come from stages.export (the runner starts it beside the next stage), from these tensors
+    proc = subprocess.run([sys.executable, "-m", "stages.export", str(job), name], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for i in range(N):
         with Image.open(job / name / f"{prefix}_{i:02d}.png") as im:
             assert im.mode == "RGBA" and im.size == (R, R)
+            px = np.asarray(im)
+        want = (torch.cat([out["images"][i], out["alphas"][i][None]]).permute(1, 2, 0).numpy() * 255 + 0.5)
+        assert np.array_equal(px, want.astype(np.uint8))
     manifest = msgpack.unpackb((job / name / "manifest.msgpack").read_bytes(), raw=False)
     assert manifest["key"] == f"k-{name}"
     return manifest["extras"]

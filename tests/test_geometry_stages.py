@@ -58,6 +58,12 @@ def finished_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
         proc = _run_stage(name, job, weights)
         assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
         assert JobDir(job).read_manifest(name) is not None
+        if name == "mesh":  # the runner starts its export (mesh.obj, mesh.glb) beside the video stage
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            proc = subprocess.run([sys.executable, "-m", "stages.export", str(job), "mesh"], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert JobDir(job).is_exported("mesh")
     return job
 
 

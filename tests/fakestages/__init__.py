@@ -20,7 +20,7 @@ FAKE = Pipeline(
     stages=(
         StageSpec("prep", "tests.fakestages.prep", reads=("inputs",)),
         StageSpec("views", "tests.fakestages.views", reads=("prep",), knobs=("views", "resolution")),
-        StageSpec("rgb", "tests.fakestages.rgb", reads=("prep", "views"), knobs=_DIFFUSION_KNOBS),
+        StageSpec("rgb", "tests.fakestages.rgb", reads=("prep", "views"), knobs=_DIFFUSION_KNOBS, exports=True),
         StageSpec("mesh", "tests.fakestages.mesh", reads=("views", "rgb"), knobs=("views",)),
     ),
 )

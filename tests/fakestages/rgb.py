@@ -1,4 +1,5 @@
-"""Fake diffusion stage (named rgb, like the real one, so its views are deliverables): keyed on the diffusion knobs; writes view PNGs like the rgb stage."""
+"""Fake diffusion stage (named rgb, like the real one, so its views are deliverables): keyed on the diffusion
+knobs; its outputs carry images and alphas as the real stage's do, and stages.export writes the view PNGs."""
 
 from stages.harness import stage_main
 from tests.fakestages.common import run_fake
@@ -8,8 +9,8 @@ NAME = "rgb"
 
 def run(ctx, prepared) -> None:  # noqa: ANN001
     out = run_fake(ctx, ("prep", "views"))
-    for i in range(out.shape[0]):
-        ctx.save_image(f"view_{i:02d}.png", out[i].unsqueeze(-1).repeat(1, 1, 3).clamp(0, 1).numpy())
+    images = out.clamp(0, 1)[:, None].repeat(1, 3, 1, 1)
+    ctx.save_tensors("outputs.safetensors", {"out": out, "images": images, "alphas": images[:, 0]})
 
 
 if __name__ == "__main__":
