@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +31,25 @@ class Export:
     popen: subprocess.Popen[bytes]
     log: Path
     started: float
-    ended: float | None = None
+    ended: float | None = None  # set by `watcher` the moment the process exits (the runner polls only stages)
     code: int | None = None
+    watcher: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        self.watcher = threading.Thread(target=self._watch, name=f"export-{self.stage}", daemon=True)
+        self.watcher.start()
+
+    def _watch(self) -> None:
+        code = self.popen.wait()
+        self.ended, self.code = time.monotonic(), code
 
     def poll(self) -> int | None:
-        if self.code is None:
-            self.code = self.popen.poll()
-            if self.code is not None:
-                self.ended = time.monotonic()
-        return self.code
+        return self.code if self.code is not None else self.popen.poll()
+
+    def wait(self) -> int:
+        assert self.watcher is not None
+        self.watcher.join()
+        return self.popen.returncode
 
 
 @dataclass
@@ -85,8 +96,7 @@ class Exports:
         t = time.monotonic()
         failures = []
         for stage, e in list(self.running.items()):
-            e.code = e.popen.wait()
-            e.ended = e.ended or time.monotonic()
+            e.code = e.wait()
             del self.running[stage]
             self.finished.append(e)
             if e.code != EXIT_OK:

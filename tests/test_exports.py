@@ -112,3 +112,23 @@ def test_export_is_torch_free_and_says_what_is_missing(tmp_path) -> None:
 def test_export_usage(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "stages.export", *argv], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_mesh_export_writes_the_obj_text_of_one_pass_and_a_glb_with_the_same_colours(tmp_path) -> None:
+    import trimesh
+
+    from up2you.geometry.objfile import obj_text
+
+    job = JobDir(tmp_path / "job")
+    job.stage_dir("mesh").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    verts, colors = rng.random((1001, 3), dtype=np.float32), rng.random((1001, 3), dtype=np.float32)
+    faces = rng.integers(0, 1001, (2000, 3)).astype(np.int64)
+    save_file({"verts": verts, "faces": faces, "colors": colors}, str(job.path("mesh", "outputs.safetensors")))
+    job.write_manifest("mesh", {"stage": "mesh", "key": "k", "outputs": ["outputs.safetensors"]})
+    assert export_stage(job, "mesh") == ["mesh.obj", "mesh.glb"]
+    bytes8 = (colors * 255 + 0.5).astype(np.uint8)
+    assert job.path("mesh", "mesh.obj").read_text() == obj_text(verts, faces, bytes8 / 255.0)  # halves joined exactly
+    glb = trimesh.load(job.path("mesh", "mesh.glb"), force="mesh", process=False)
+    assert np.array_equal(glb.faces, faces) and np.allclose(glb.vertices, verts)
+    assert np.array_equal(glb.visual.vertex_colors[:, :3], bytes8)
