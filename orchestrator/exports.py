@@ -73,6 +73,7 @@ class Exports:
     def start(self, stage: str) -> None:
         """Export `stage`'s deliverables in the background, unless they are there already for its manifest."""
         self.cancel(stage)
+        self.job.sweep_temporaries(stage)  # of an export killed with us (the stage itself is done and not running)
         if self.job.is_exported(stage):
             return
         log = self.job.path(stage, "export.log")

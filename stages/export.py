@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 
+from stages import lifeline
 from stages.jobfs import JobDir, atomic_path, sha256_file, shown
 from stages.spec import EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_OK
 
@@ -111,11 +112,13 @@ def mesh_files(job: JobDir) -> list[str]:
         raise ExportError("mesh/outputs.safetensors: need verts (V,3), faces (F,3) and colors (V,3); rerun the mesh "
                           "stage", EXIT_BAD_INPUT)  # fmt: skip
     rgba = np.concatenate([(colors * 255 + 0.5).astype(np.uint8), np.full((len(colors), 1), 255, np.uint8)], axis=1)
-    fork = multiprocessing.get_context("fork")  # torch-free, no threads yet: forking is safe and starts at once
+    # torch-free, no threads yet: forking is safe and starts at once; each worker dies with this process, as it
+    # dies with the orchestrator (a fork does not inherit the death signal)
+    fork = multiprocessing.get_context("fork")
     colours = rgba[:, :3] / 255.0  # the GLB's colour bytes
     half = len(verts) // 2
     with (atomic_path(job.path("mesh", "mesh.obj")) as obj, atomic_path(job.path("mesh", "mesh.glb")) as glb,
-          ProcessPoolExecutor(3, mp_context=fork) as pool):  # fmt: skip
+          ProcessPoolExecutor(3, mp_context=fork, initializer=lifeline.guard, initargs=(os.getpid(),)) as pool):  # fmt: skip
         glb_done = pool.submit(_write_glb, str(glb), verts, faces, rgba)
         second_half = pool.submit(vertex_lines, verts[half:], colours[half:])
         face_text = pool.submit(face_lines, faces)
@@ -144,6 +147,7 @@ def export_stage(job: JobDir, stage: str) -> list[str]:
         raise ExportError(f"{shown(job.path(stage, 'manifest.msgpack'))} is missing: the {stage} stage has not "
                           "finished; rerun the job", EXIT_BAD_INPUT)  # fmt: skip
     job.clear_export(stage)
+    job.sweep_temporaries(stage)  # what a killed export left half-written (its stage is done: nothing else writes)
     names = EXPORTS[stage](job)
     job.write_export(stage, {"stage": stage, "key": manifest.get("key", ""),
                              "files": {n: sha256_file(job.path(stage, n)) for n in names}})  # fmt: skip
