@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.process import GRACE_S
 from stages import lifeline
 from stages.jobfs import JobDir
 from stages.spec import EXIT_MEANINGS, EXIT_OK
-
-GRACE_S = 5.0
 
 
 @dataclass
