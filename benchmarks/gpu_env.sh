@@ -12,6 +12,19 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # bytecode now, as a user's `pip install` does by default: otherwise the first stage to import diffusers or
 # trimesh compiles them on the clock (trimesh: 1.1 s inside the mesh stage's run on the H200)
 python3 -m compileall -q -j 0 /tmp/site orchestrator stages up2you budgets >/dev/null || true
+# and for the machine's own packages (torch, transformers, ...): installed here without bytecode, and with
+# PYTHONDONTWRITEBYTECODE=1 Python keeps none of what it compiles, so every stage process compiled torch
+# again (benchmarks/pyc_check.sh shows it). In place when the folder is writable, as pip would have;
+# otherwise into a cache that every process then reads (PYTHONPYCACHEPREFIX: all modules, ours included)
+MACHINE_SITE=$(python3 -c "import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+COMPILE_T0=$(date +%s)
+if [ -w "$MACHINE_SITE" ]; then
+    python3 -m compileall -q -j 0 "$MACHINE_SITE" >/dev/null 2>&1 || true
+else
+    export PYTHONPYCACHEPREFIX=/tmp/pycache
+    python3 -m compileall -q -j 0 "$MACHINE_SITE" /tmp/site orchestrator stages up2you budgets >/dev/null 2>&1 || true
+fi
+echo "bytecode for $MACHINE_SITE in $(( $(date +%s) - COMPILE_T0 )) s (prefix: ${PYTHONPYCACHEPREFIX:-none})"
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export UP2YOU_CACHE_DIR=${UP2YOU_CACHE_DIR:-/tmp/up2you-cache}

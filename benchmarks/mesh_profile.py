@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -123,7 +122,27 @@ def _nvml_device_used() -> int | None:
 
 # --- worker: inputs -------------------------------------------------------------------------------
 
+def job_inputs(job: Path, path: Path) -> dict[str, Any]:
+    """A finished job's own mesh inputs (apose's body and yaws, normal's images and alphas), as the stage
+    reads them: with random weights the normals are noise, and the mesh grows to ~1 M vertices."""
+    from safetensors.torch import load_file
+
+    from up2you.geometry.mesh_ops import normalize_to_bound
+
+    ap = load_file(str(job / "apose" / "outputs.safetensors"))
+    nrm = load_file(str(job / "normal" / "outputs.safetensors"))
+    body, _, _ = normalize_to_bound(ap["smplx_verts"].float(), BOUND)
+    yaws = [float(y) for y in ap["yaws"]]
+    data = {"yaws": yaws, "body": body, "faces": ap["smplx_faces"].long(), "images": nrm["images"].float(),
+            "alphas": nrm["alphas"].float()}
+    torch.save(data, path)
+    return {"from_job": str(job), "vertices": int(body.shape[0]), "faces": int(data["faces"].shape[0]),
+            "views": len(yaws), "resolution": int(data["images"].shape[-1])}
+
+
 def make_inputs(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    if args.from_job:
+        return job_inputs(args.from_job, path)
     from up2you.geometry.assets import body_model
     from up2you.geometry.body import apose_mesh
     from up2you.geometry.mesh_ops import normalize_to_bound, vertex_normals
@@ -250,12 +269,58 @@ def run_config(args: argparse.Namespace, name: str, inputs_path: Path, result_pa
         if measured:
             out["table_error_pct"] = round(100 * (pred.total_bytes - measured) / measured, 1)
     torch.save({"verts": verts.cpu(), "faces": faces.cpu(), "losses": losses}, result_path)
+    if impl == "new" and args.kernel_iters > 0 and dev.type == "cuda":
+        out["kernels_at_final_mesh"] = kernel_profile(args, raster, inputs, targets[0], chunk)
 
     # 3. the rest of the stage on this mesh
     if impl == "new" and chunk == 0 and not args.no_post:
         out["post_s"] = time_post(args, inputs, verts, faces, raster, dev)
         out["stage_estimate_s"] = round(out["fit_s"] + sum(v for k, v in out["post_s"].items() if k in POST_PHASES), 2)
     return out
+
+
+def kernel_profile(args: argparse.Namespace, raster: Any, inputs: dict[str, Any], goal: torch.Tensor,
+                   chunk: int) -> dict[str, Any]:
+    """Where the GPU time of an iteration goes once the mesh is grown: the same fit again, with
+    torch.profiler on for its last `--kernel-iters` iterations; CUDA time per op (top 25) and per phase."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from up2you.geometry.reconstruct import fit_mesh
+
+    n, iters = args.kernel_iters, args.iters
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    timer = PhaseTimer(goal.device)
+    marks: dict[str, Any] = {}
+
+    def on_log(it: int, loss: float, n_faces: int) -> None:  # called after iteration `it`
+        if it == iters - n - 1:
+            marks["faces_start"] = n_faces
+            _sync(goal.device)
+            prof.start()
+            marks["t"] = time.perf_counter()
+        elif it == iters - 1:
+            _sync(goal.device)
+            marks["wall"] = time.perf_counter() - marks["t"]
+            prof.stop()
+            marks["faces_end"] = n_faces
+
+    def phase(name: str) -> Any:
+        return timer(name) if "t" in marks and "wall" not in marks else contextlib.nullcontext()
+
+    torch.manual_seed(0)
+    fit_mesh(raster, inputs["body"].to(goal.device), inputs["faces"].to(goal.device), goal, inputs["yaws"], iters,
+             RADIUS, view_chunk=chunk, on_log=on_log, log_every=1, phase=phase)
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if dev_us > 0:
+            rows.append((e.key, dev_us / n / 1000, e.count / n))
+    rows.sort(key=lambda r: -r[1])
+    return {"iterations": n, "faces_start": marks.get("faces_start"), "faces_end": marks.get("faces_end"),
+            "ms_per_iteration_profiled": round(1000 * marks.get("wall", float("nan")) / n, 2),
+            "gpu_ms_per_iteration_total": round(sum(r[1] for r in rows), 2),
+            "phase_gpu_ms_per_iteration": {k: round(v / n, 2) for k, v in timer.gpu_ms().items()},
+            "top_ops_gpu_ms_per_iteration": [[k, round(ms, 3), round(c, 1)] for k, ms, c in rows[:25]]}
 
 
 def time_post(args: argparse.Namespace, inputs: dict[str, Any], verts: torch.Tensor, faces: torch.Tensor,
@@ -340,6 +405,9 @@ def main() -> None:
     ap.add_argument("--sync-iters", type=int, default=10)
     ap.add_argument("--no-post", action="store_true", help="skip timing hands/Poisson/colours/export")
     ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--from-job", type=Path, help="a finished job folder: fit its own apose body and normal views")
+    ap.add_argument("--kernel-iters", type=int, default=0,
+                    help="profile this many more iterations at the final mesh (torch.profiler, per op)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -358,14 +426,16 @@ def main() -> None:
     for c in configs:
         _config(c)
     report: dict[str, Any] = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                              "args": {k: v for k, v in vars(args).items() if k not in ("worker", "inputs", "result")}}
+                              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                                       if k not in ("worker", "inputs", "result")}}
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_p = Path(tmp)
         base = [sys.executable, __file__, "--device", args.device, "--iters", str(args.iters), "--views", str(args.views),
                 "--resolution", str(args.resolution), "--mesh-resolution", str(args.mesh_resolution),
-                "--sync-iters", str(args.sync_iters), "--inputs", str(tmp_p / "inputs.pt")] + (
-                    ["--no-post"] if args.no_post else [])
+                "--sync-iters", str(args.sync_iters), "--kernel-iters", str(args.kernel_iters),
+                "--inputs", str(tmp_p / "inputs.pt")] + (["--no-post"] if args.no_post else []) + (
+                    ["--from-job", str(args.from_job)] if args.from_job else [])
         report["inputs"] = _worker(base + ["--worker", "inputs"])
         results: dict[str, dict[str, Any]] = {}
         for c in configs:
@@ -385,7 +455,7 @@ def main() -> None:
     report["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     report["total_s"] = round(time.perf_counter() - t_all, 1)
     path = out_dir / "mesh_profile.json"
-    path.write_text(json.dumps(report, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+    path.write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({"comparisons": cmp, "fit_s": {c: report["configs"][c].get("fit_s") for c in configs}}, indent=1))
     print(f"wrote {path}")
 

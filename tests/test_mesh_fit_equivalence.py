@@ -135,3 +135,33 @@ def test_sync_free_helpers_agree_with_torch() -> None:
     assert torch.equal(e1, e2) and torch.equal(f2e1, f2e2)
     idx = f2e1.reshape(-1)
     assert torch.equal(count_index(idx, e1.shape[0] + 5), torch.bincount(idx, minlength=e1.shape[0] + 5))
+
+
+def test_common_neighbours_counts_what_a_brute_force_count_gives() -> None:
+    from up2you.geometry.remesh import _common_neighbours
+
+    v, f = _bumpy_sphere(3)
+    # a tetrahedron glued on: its edges have 2 common neighbours each... and a "pinch" vertex joined to
+    # both ends of one edge by extra faces gives that edge 3 (a collapse there would not be manifold)
+    n = v.shape[0]
+    f = torch.cat([f, torch.tensor([[0, 1, n - 1], [1, 0, n - 2], [0, n - 1, 5], [1, 5, n - 1]])])
+    edges, _ = unique_edges(f, n)
+    neighbours = [set() for _ in range(n)]
+    for a, b in edges.tolist():
+        neighbours[a].add(b)
+        neighbours[b].add(a)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        # vertex-disjoint candidates, as the collapse passes them: greedily, in a random order
+        used: set[int] = set()
+        cand = torch.zeros(edges.shape[0], dtype=torch.bool)
+        for k in torch.randperm(edges.shape[0], generator=g).tolist():
+            a, b = edges[k].tolist()
+            if a not in used and b not in used and torch.rand(1, generator=g).item() < 0.5:
+                cand[k] = True
+                used |= {a, b}
+        got = _common_neighbours(edges, cand, n)
+        for k in torch.nonzero(cand).squeeze(1).tolist():
+            a, b = edges[k].tolist()
+            assert got[k].item() == len(neighbours[a] & neighbours[b]), (a, b)
+    assert max(len(neighbours[a] & neighbours[b]) for a, b in edges.tolist()) >= 3  # the case that matters

@@ -37,9 +37,13 @@ def unique_edges(faces: torch.Tensor, n_verts: int | None = None) -> tuple[torch
 
 def count_index(index: torch.Tensor, size: int) -> torch.Tensor:
     """How often each of 0..size-1 occurs in `index` (int64): `torch.bincount(index, minlength=size)`
-    for indices < size, without the host sync bincount spends on finding the largest index."""
-    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(
-        0, index.reshape(-1), torch.ones_like(index.reshape(-1)))
+    for indices < size, without the host sync bincount spends on finding the largest index.
+
+    Counted in int32: a GPU adds int32 with one atomic instruction, while torch adds int64 with a
+    compare-and-swap loop that retries under contention (8.5 ms an iteration at 1.9 M faces, H200)."""
+    flat = index.reshape(-1)
+    ones = torch.ones(flat.shape, dtype=torch.int32, device=index.device)
+    return torch.zeros(size, dtype=torch.int32, device=index.device).index_add_(0, flat, ones).long()
 
 
 def neighbor_mean(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
