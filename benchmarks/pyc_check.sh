@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Does this machine's Python import torch from bytecode, or compile it each time? (no side effects
-# outside /tmp). Prints where torch lives, whether its __pycache__ exists and is writable, and the
-# wall time of `import torch` three ways: as installed, then twice with PYTHONPYCACHEPREFIX=/tmp/pyc
-# (the first run writes the bytecode there, the second reads it).
+# outside /tmp). Prints where torch lives, whether its __pycache__ holds bytecode and is writable, and
+# the wall time of `import torch` as installed, then with an empty PYTHONPYCACHEPREFIX=/tmp/pyc (no
+# bytecode found: what compiling from source costs; under PYTHONDONTWRITEBYTECODE=1 every run compiles,
+# otherwise the first run writes the bytecode there and the later ones read it).
 PY=${PY:-python3}
 $PY - <<'PYEOF'
 import os, sys, torch, glob

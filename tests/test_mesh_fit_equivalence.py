@@ -141,8 +141,8 @@ def test_common_neighbours_counts_what_a_brute_force_count_gives() -> None:
     from up2you.geometry.remesh import _common_neighbours
 
     v, f = _bumpy_sphere(3)
-    # a tetrahedron glued on: its edges have 2 common neighbours each... and a "pinch" vertex joined to
-    # both ends of one edge by extra faces gives that edge 3 (a collapse there would not be manifold)
+    # extra faces joining the ends of edge (0, 1) to more vertices: that edge gets 3 or more common
+    # neighbours (a collapse there would not be manifold), where a clean triangle mesh has 2
     n = v.shape[0]
     f = torch.cat([f, torch.tensor([[0, 1, n - 1], [1, 0, n - 2], [0, n - 1, 5], [1, 5, n - 1]])])
     edges, _ = unique_edges(f, n)
