@@ -11,7 +11,7 @@
     up2you-budget weights verify | where         check them / say where each one is found
     up2you-budget doctor [--json]                what stands between this machine and a real run
     up2you-budget demo [--device cpu]            the whole chain with tiny weights, no photos/GPU needed
-    up2you-budget setup                          build nvdiffrast once for this machine (no job pays for it)
+    up2you-budget setup                          compile bytecode, build nvdiffrast: once a machine (no job pays)
 
 The main command has a positional folder, which does not mix with click subcommands, so `main`
 dispatches on argv[1] itself: a word in SUBCOMMANDS selects that command, anything else is a run.
@@ -471,9 +471,22 @@ def demo_command(
 
 
 def setup_command() -> None:
-    """One-time machine set-up: build nvdiffrast's CUDA plugin now, so that no job pays for it (~28 s)."""
+    """One-time machine set-up: compile the bytecode the stage processes import (when it is missing) and build
+    nvdiffrast's CUDA plugin, so that no job pays for either (seconds per stage process; ~28 s once)."""
     import subprocess
 
+    from orchestrator import bytecode
+
+    packages = bytecode.survey()
+    missing = sum(p.missing for p in packages if p.writable)
+    if missing:
+        names = ", ".join(p.name for p in packages if p.missing)
+        err.print(f"compiling bytecode for {missing} modules ({names}) ...")
+        done = bytecode.compile_bytecode(packages)
+        if done.returncode != 0:  # a module that does not compile is imported from source, as before
+            err.print(f"[yellow]compileall exit {done.returncode}: some modules stay without bytecode[/yellow]")
+    ok, detail, fix = bytecode.summary(bytecode.survey())
+    err.print(f"[green]{detail}[/green]" if ok else f"[yellow]{detail}; {fix}[/yellow]", soft_wrap=True)
     err.print("building nvdiffrast (once per machine; about 30 s) ...")
     proc = subprocess.run([sys.executable, "-m", "up2you.render.nvdiffrast_backend"], capture_output=True, text=True)
     if proc.returncode != 0:  # the child says why in one line (no CUDA, no nvcc, a compiler error)

@@ -3,7 +3,8 @@
 Checks: NVML and the driver, each GPU's total/free memory, torch's CUDA build against the driver
 (asked of a child process: this one never imports torch), nvdiffrast built or how it will be,
 every checkpoint (where found, size and sha256), free disk for the output and the weight cache,
-host RAM against the chain's host peak, ffmpeg for the videos. Ready = every row ok.
+host RAM against the chain's host peak, ffmpeg for the videos, bytecode for what the stages import.
+Ready = every row ok, but bytecode: without it a run starts, only each stage process starts slower.
 
 A `--tiny` smoke test needs none of the checkpoint rows (and, with `--device cpu`, none of the
 GPU rows either): each row says whether the smoke test skips it.
@@ -16,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import psutil
 from rich.markup import escape
 from rich.table import Table
 
+from orchestrator import bytecode
 from orchestrator.job import DISK_BASE, DISK_PER_VIEW
 from orchestrator.probe import GpuInfo, NvmlProbe, ProbeError
 from orchestrator.sizes import gib
@@ -50,6 +53,7 @@ class Check:
     detail: str
     fix: str = ""
     tiny: str = "needed"  # needed | skip | cpu: skip — whether a --tiny smoke test (on cpu) needs this row
+    blocking: bool = True  # False: a run starts without it, only slower (shown "slow", not counted by `ready`)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -207,12 +211,18 @@ def run_checks(out: Path, weights: Path | None) -> list[Check]:
     weight_rows = check_weights(weights)
     rows += weight_rows
     rows += check_disk(out, folder_candidates(weights)[0].path, any(not r.ok for r in weight_rows))
-    rows += [check_ram(), check_ffmpeg()]
+    rows += [check_ram(), check_ffmpeg(), check_bytecode()]
     return rows
 
 
+def check_bytecode(packages: Sequence[str] = bytecode.STAGE_PACKAGES) -> Check:
+    """Whether the stage processes import from bytecode (orchestrator.bytecode); a run starts either way."""
+    ok, detail, fix = bytecode.summary(bytecode.survey(packages))
+    return Check("bytecode (start-up)", ok, detail, fix, blocking=False)
+
+
 def ready(rows: list[Check]) -> bool:
-    return all(r.ok for r in rows)
+    return all(r.ok for r in rows if r.blocking)
 
 
 def table(rows: list[Check]) -> Table:
@@ -220,7 +230,7 @@ def table(rows: list[Check]) -> Table:
     for col, ratio in (("check", 2), ("", 0), ("detail / fix", 6), ("--tiny", 0)):
         t.add_column(col, overflow="fold", ratio=ratio or None, no_wrap=not ratio)
     for r in rows:
-        mark = "[green]ok[/green]" if r.ok else "[red]FIX[/red]"
+        mark = "[green]ok[/green]" if r.ok else "[red]FIX[/red]" if r.blocking else "[yellow]slow[/yellow]"
         text = escape(r.detail) if r.ok else f"{escape(r.detail)}\n[bold]fix:[/bold] {escape(r.fix)}"
         t.add_row(escape(r.name), mark, text, r.tiny)
     return t
@@ -229,6 +239,6 @@ def table(rows: list[Check]) -> Table:
 def summary(rows: list[Check]) -> str:
     if ready(rows):
         return "ready: a real run can start (up2you-budget photos/)"
-    bad = [r.name for r in rows if not r.ok]
+    bad = [r.name for r in rows if not r.ok and r.blocking]
     return (f"not ready: {len(bad)} check(s) to fix ({', '.join(bad)}). A --tiny smoke test skips "
             f"{SKIPPED_BY_TINY}; {SKIPPED_BY_TINY_CPU}: `up2you-budget demo` runs one now")  # fmt: skip

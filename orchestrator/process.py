@@ -2,7 +2,8 @@
 
 Protocol (stages.harness): the child, started with `--prestart`, imports and prepares (host memory
 only), prints `ready <t>` on stdout and blocks reading one line from stdin; `go\\n` lets it run,
-closing stdin dismisses it (exit 0). Each child gets its own process group, so a terminal's Ctrl-C
+closing stdin dismisses it (exit 0). Once its outputs and manifest are written it prints `done <t>`,
+before its (sometimes slow) exit: the runner may hand the GPU on from there. Each child gets its own process group, so a terminal's Ctrl-C
 reaches only the orchestrator, which forwards it, and a kill of the group leaves no orphan. Every child
 runs under `stages.lifeline`, so it also dies when the orchestrator itself is killed (SIGKILL included).
 """
@@ -42,6 +43,7 @@ class StageProcess:
         self.spawned_at = time.monotonic()
         self.ready_at: float | None = None
         self.go_at: float | None = None
+        self.done_at: float | None = None  # when `done` came: the work is on disk, the process may still hold memory
         self.exited_at: float | None = None
         self.stdout_lines: list[str] = []
         self._ready = threading.Event()
@@ -62,6 +64,8 @@ class StageProcess:
             if line.startswith("ready") and self.ready_at is None:
                 self.ready_at = time.monotonic()
                 self._ready.set()
+            elif line.startswith("done") and self.go_at is not None and self.done_at is None:
+                self.done_at = time.monotonic()
             else:
                 self.stdout_lines.append(line.rstrip("\n"))
         self._ready.set()  # EOF: no `ready` will come
@@ -80,19 +84,25 @@ class StageProcess:
             self.exited_at = time.monotonic()
         return code
 
+    @property
+    def finished_at(self) -> float | None:
+        """When the stage's work ended as far as the next stage cares: `done`, else the exit."""
+        return self.done_at if self.done_at is not None else self.exited_at
+
     def dismiss(self) -> None:
         """Tell a waiting child it is not needed (close stdin: it exits 0); kill it if it does not."""
         with contextlib.suppress(OSError):
             if self.popen.stdin:
                 self.popen.stdin.close()
-        self._wait_or_kill()
+        self.wait_or_kill()
 
     def interrupt(self) -> None:
         """Forward Ctrl-C to the child's group; kill the group if it has not exited after GRACE_S."""
         self.signal_group(signal.SIGINT)
-        self._wait_or_kill()
+        self.wait_or_kill()
 
-    def _wait_or_kill(self) -> None:
+    def wait_or_kill(self) -> None:
+        """Wait up to GRACE_S for the exit, then kill the group; close our ends either way."""
         try:
             self.popen.wait(GRACE_S)
         except subprocess.TimeoutExpired:

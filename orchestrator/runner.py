@@ -213,6 +213,8 @@ class Runner:
         self.prestarted: dict[str, StageProcess] = {}
         self.footprints: dict[str, int] | None = None
         self.running: StageProcess | None = None
+        # stages past `done` whose process has not exited yet, each with the reservation it holds until then
+        self.draining: list[tuple[StageProcess, Reservation | None]] = []
         self.tries: Counter[str] = Counter()
         self.retries = 0
         self.overlap_saved = 0.0
@@ -276,6 +278,7 @@ class Runner:
                 i += 1
                 continue
             proc = self.prestarted.pop(spec.name, None) or self._spawn(spec)
+            self._reap_draining()  # what an exited stage held is back before this one is admitted
             degraded = self._admit(spec, proc)
             if degraded is not None:  # waited as long as allowed: fewer views or pixels, from where they change
                 self.prestarted[spec.name] = proc
@@ -284,7 +287,7 @@ class Runner:
             if spec.exports:
                 self.exports.cancel(spec.name)  # an export of an earlier run of this stage must not write over it
             attempt = self._run_stage(spec, keys[spec.name], previous_exit, self._next_to_run(i + 1, keys), proc)
-            previous_exit = self.running.exited_at if self.running else None
+            previous_exit = self.running.finished_at if self.running else None
             self.running = None
             if self.reclaimed is not None:  # the GPU had room again: its process, already admitted, runs the stage
                 self.prestarted[spec.name], self.reservation = self.reclaimed
@@ -522,7 +525,12 @@ class Runner:
             proc.go()
             self._prestart_ahead(nxt, proc)
             look_at = started + RECLAIM_AFTER_S
+            handed_over = False
             while proc.poll() is None:
+                if proc.done_at is not None and not cpu_why and self._hand_over(proc, nxt):
+                    handed_over = True
+                    break
+                self._reap_draining()
                 time.sleep(POLL_S)
                 if cpu_why and time.monotonic() >= look_at:
                     look_at = time.monotonic() + RECLAIM_EVERY_S
@@ -530,8 +538,11 @@ class Runner:
                         handed_back = True
                         proc.interrupt()
                         break
-        code = proc.finish()
-        self._release()  # the process is gone: what it held is back (NVML says so on the next admission)
+        if handed_over:  # its outputs and manifest are written; it exits (and its reservation ends) in the background
+            code = EXIT_OK
+        else:
+            code = proc.finish()
+            self._release()  # the process is gone: what it held is back (NVML says so on the next admission)
         hidden = proc.hidden_startup_s(previous_exit)
         self.overlap_saved += hidden
         error = self.ctx.job.read_error(spec.name) if code != EXIT_OK else None
@@ -558,6 +569,46 @@ class Runner:
         self.attempts.append(attempt)
         self.ctx.on_event("end", attempt)
         return attempt
+
+    def _hand_over(self, proc: StageProcess, nxt: StageSpec | None) -> bool:
+        """At `done`, before `proc` has exited (a CUDA context can take a few hundred ms to tear down): may the
+        next stage start now? Yes when its process is waiting and, on a shared GPU, its need on the current
+        plan fits beside what `proc` still holds (within --vram for the two together). Its reservation is then
+        made here and `proc`'s moves to `draining`; otherwise the runner waits for the exit, as before, and
+        admission may wait or pick a memory rung with all of it back."""
+        waiting = self.prestarted.get(nxt.name) if nxt is not None else None
+        if waiting is None or waiting.poll() is not None:
+            return False
+        assert nxt is not None
+        own = self.reservation
+        fit = self._fit(nxt.name)
+        r: Reservation | None = None
+        if self.admitter is not None and fit is not None and not self._on_cpu(nxt):
+            cap = self._admission_cap()
+            if cap is not None and own is not None:
+                cap -= own.nbytes
+            try:
+                r = self.admitter.try_admit(nxt.name, waiting.pid, [fit.need_bytes], cap)
+            except LedgerError:
+                return False
+            if r is None:
+                return False
+        self.draining.append((proc, own))
+        self.reservation = r
+        return True
+
+    def _reap_draining(self, wait: bool = False) -> None:
+        """Collect the draining processes that have exited (all of them with `wait`) and end their reservations."""
+        for proc, r in list(self.draining):
+            if wait:
+                proc.wait_or_kill()
+            elif proc.poll() is None:
+                continue
+            else:
+                proc.finish()
+            self.draining.remove((proc, r))
+            if r is not None and self.ctx.ledger is not None:
+                self.ctx.ledger.release(r)
 
     def _recover(self, spec: StageSpec, attempt: Attempt) -> tuple[PlanChoice, str]:
         """After an OOM: blame our own jobs (retry: admission waits for them), a neighbour (wait, or
@@ -657,10 +708,11 @@ class Runner:
         if self.reclaimed is not None:  # interrupted between a hand-back and its GPU attempt
             self.prestarted[self.reclaimed[0].spec.name], self.reservation = self.reclaimed
             self.reclaimed = None
-        try:
-            self._release()  # after the process is gone, so its memory is never handed out twice
-        except LedgerError:
-            pass  # the entry is swept when the next reader finds the process gone
+        for release in (self._release, lambda: self._reap_draining(wait=True)):
+            try:
+                release()  # after the process is gone, so its memory is never handed out twice
+            except LedgerError:
+                pass  # the entry is swept when the next reader finds the process gone
         for proc in self.prestarted.values():  # never got `go`: they hold no GPU memory and wrote nothing
             if proc.ready_at is not None:
                 proc.dismiss()

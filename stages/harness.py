@@ -13,13 +13,14 @@ What the harness guarantees, so that stages need not:
   could create a context;
 - **fault injection**: ``UP2YOU_FAULTS=rgb:oom:1`` raises a real ``torch.cuda.OutOfMemoryError``
   in stage ``rgb`` on attempts <= 1 (kinds: ``oom``, ``oom_runtime``, ``crash``, ``sleep``,
-  ``enospc`` (the first output write fails: disk full), ``pause`` (``rgb:pause:1:write``: stop at a
+  ``enospc`` (the first output write fails: disk full), ``linger`` (exit late, after ``done``), ``pause`` (``rgb:pause:1:write``: stop at a
   named point — prepare, start, write, manifest, end — touch ``$UP2YOU_FAULT_MARKER`` and wait, so
   a test can kill the orchestrator at exactly that moment));
 - **same seed, same bytes**: the global RNGs (torch, numpy, random) start from the plan's seed;
 - **exit codes** (stages.spec): OOM in any of its disguises -> 75, bad input -> 65, missing
   weights -> 66, no GPU -> 69, disk full -> 74, SIGINT/SIGTERM -> 130; an ``error.msgpack`` says why;
-- **atomic outputs and the manifest** written last, with timings and torch's peak.
+- **atomic outputs and the manifest** written last, with timings and torch's peak; then ``done`` on
+  stdout, so the runner can start the next stage while this process's CUDA context is torn down.
 """
 
 from __future__ import annotations
@@ -288,6 +289,14 @@ def _inject_fault(name: str, attempt: int) -> None:
             time.sleep(float(parts[3]) if len(parts) > 3 else 3600.0)
 
 
+def _linger(name: str, attempt: int) -> None:
+    """`linger` fault (``rgb:linger:1:2``): stay alive that many seconds after `done`, as a process whose
+    CUDA teardown is slow does (the runner must keep its reservation until it is gone)."""
+    for parts in _faults(name, attempt):
+        if parts[1] == "linger":
+            time.sleep(float(parts[3]) if len(parts) > 3 else 1.0)
+
+
 def _apply_cap(ctx: StageContext) -> None:
     if ctx.device.type != "cuda":
         if not torch.cuda.is_initialized():  # a pre-started process was spawned seeing the GPU: hide it
@@ -427,6 +436,10 @@ def stage_main(
                     "attempt": ctx.attempt, "cap_bytes": ctx.cap_bytes, "phase": phase,
                     "missing": [list(m) for m in getattr(exc, "items", [])], **_peaks(ctx),
                 })
+    if code == EXIT_OK:  # the work is all on disk: the runner may hand the GPU on while this process tears down
+        with contextlib.suppress(OSError, KeyboardInterrupt):  # a parent gone or stopping: the exit is the same
+            print(f"done {time.time() - T0:.3f}", flush=True)
+            _linger(name, ctx.attempt)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip interpreter teardown: CUDA memory is returned by the driver at once
