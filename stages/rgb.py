@@ -19,6 +19,7 @@ from stages.harness import BadInputError, StageContext, stage_main
 from up2you.diffusion.lean_imports import lean_imports
 from up2you.diffusion.models import DiffusionModels, load_for_profile, materialize_models, random_sd21
 from up2you.diffusion.pipeline import RGB_PROMPT, MultiViewSampler, SamplerOptions
+from up2you.diffusion.prompt_cache import PromptCache
 
 NAME = "rgb"
 
@@ -94,7 +95,8 @@ def sample(ctx: StageContext, models: DiffusionModels, prompt: str, control: tor
     """Run the sampler with the plan's knobs and record what it did (NFE, THG refreshes, timings)."""
     if ctx.profile == "full-random":
         materialize_random(ctx, models)
-    sampler = MultiViewSampler(models, ctx.device, ctx.dtype, SamplerOptions.from_plan(ctx.plan), log=ctx.log)
+    sampler = MultiViewSampler(models, ctx.device, ctx.dtype, SamplerOptions.from_plan(ctx.plan), log=ctx.log,
+                               prompt_cache=PromptCache.default())
     result = sampler(prompt, control, references, weight_maps)
     ctx.record(**{f"diffusion_{k}": v for k, v in result.stats.items()})
     return result.images

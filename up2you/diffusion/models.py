@@ -21,6 +21,7 @@ from torch import nn
 
 from up2you.diffusion.adapter import AdapterBundle, build_pose_adapter
 from up2you.diffusion.processors import AttentionContext, MVRefAttnProcessor, install_processors
+from up2you.diffusion.prompt_cache import text_files
 from up2you.diffusion.scheduler import SD21_SCHEDULER_CONFIG
 from up2you.meta_init import materialize, meta_parameters
 from up2you.pages import make_resident
@@ -71,6 +72,7 @@ class DiffusionModels:
     scheduler_config: dict[str, Any]
     context: AttentionContext
     processors: dict[str, MVRefAttnProcessor]
+    text_files: tuple[Path, ...] = ()  # what the prompt embeddings depend on (none in full-random: not cached)
 
     @property
     def bundle(self) -> AdapterBundle:
@@ -115,6 +117,7 @@ def load_sd21(folder: Path | str, adapter_file: Path | str, timed: PhaseTimer | 
         with meta_parameters():  # the adapters' parameters come from the file: no default initialisation
             models = _attach_adapters(unet, vae, text_encoder, tokenizer, scheduler_config)
         models.bundle.load_file(adapter_file)
+    models.text_files = text_files(folder)
     return models
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from up2you.diffusion.guidance import GuidanceSchedule, GuidedPrediction
 from up2you.diffusion.models import DiffusionModels
+from up2you.diffusion.prompt_cache import PromptCache
 from up2you.diffusion.scheduler import make_scheduler
 from up2you.diffusion.selector import select_topk
 
@@ -69,8 +70,10 @@ class MultiViewSampler:
     """Runs one multi-view generation; consumes the models (each is freed once it is no longer needed)."""
 
     def __init__(self, models: DiffusionModels, device: torch.device | str, dtype: torch.dtype,
-                 options: SamplerOptions, log: Callable[[str], None] | None = None) -> None:
+                 options: SamplerOptions, log: Callable[[str], None] | None = None,
+                 prompt_cache: PromptCache | None = None) -> None:
         self.m = models
+        self.prompt_cache = prompt_cache
         self.device = torch.device(device)
         self.dtype = dtype
         self.opt = options
@@ -105,14 +108,26 @@ class MultiViewSampler:
 
     # stages of the run ----------------------------------------------------------------------------
     def _encode_prompts(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) CLIP embeddings: read back from the prompt cache when an earlier job on this machine
+        computed them from the same files (the same bits), else computed here and stored for the next job."""
         te = self.m.text_encoder
         assert te is not None, "prompts are encoded once per sampler"
+        cache, files = self.prompt_cache, self.m.text_files
+        key = cache.key([prompt, ""], files, self.dtype, self.device) if cache is not None and files else None
+        hit = cache.load(key) if cache is not None and key else None
+        if hit is not None:
+            self.m.text_encoder = None
+            self.stats["prompt_cache"] = "hit"
+            return hit[0].to(self.device, self.dtype), hit[1].to(self.device, self.dtype)
         te.to(self.device, self.dtype)
         ids = self._token_ids([prompt, ""]).to(self.device)
         emb = te(ids)[0].to(self.dtype)
         self.m.text_encoder = None
         del te
         self._empty_cache()
+        if cache is not None and key:
+            cache.store(key, emb[:1], emb[1:])
+            self.stats["prompt_cache"] = "stored"
         return emb[:1], emb[1:]
 
     def _token_ids(self, prompts: list[str]) -> torch.Tensor:
