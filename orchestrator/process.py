@@ -47,6 +47,8 @@ class StageProcess:
         self.exited_at: float | None = None
         self.stdout_lines: list[str] = []
         self._ready = threading.Event()
+        self._done_or_eof = threading.Event()  # news for the runner's loop: `done`, or stdout closed (the exit)
+        self._eof = threading.Event()
         self.popen = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=lifeline.env(env), text=True,
             start_new_session=True,
@@ -66,9 +68,12 @@ class StageProcess:
                 self._ready.set()
             elif line.startswith("done") and self.go_at is not None and self.done_at is None:
                 self.done_at = time.monotonic()
+                self._done_or_eof.set()
             else:
                 self.stdout_lines.append(line.rstrip("\n"))
         self._ready.set()  # EOF: no `ready` will come
+        self._eof.set()
+        self._done_or_eof.set()
 
     def go(self) -> None:
         """Let the child run (it reads the request file, which must already be written)."""
@@ -77,6 +82,15 @@ class StageProcess:
         with contextlib.suppress(BrokenPipeError, OSError):  # it died while waiting: wait() reports how
             self.popen.stdin.write("go\n")
             self.popen.stdin.flush()
+
+    def wait_for_news(self, timeout: float) -> None:
+        """Sleep up to `timeout`, waking at once on `done` (unless it came already) or on the exit."""
+        if self._eof.is_set():  # stdout is closed: the exit is a moment away
+            time.sleep(min(timeout, 0.005))
+        elif self.done_at is None:
+            self._done_or_eof.wait(timeout)
+        else:
+            self._eof.wait(timeout)
 
     def poll(self) -> int | None:
         code = self.popen.poll()

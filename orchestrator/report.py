@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from collections.abc import Sequence
@@ -20,19 +21,29 @@ VIEW_IMAGES = (("rgb", "view_*.png"), ("normal", "normal_*.png"))
 
 
 def collect_deliverables(job: JobDir, out: Path) -> list[str]:
-    """Copy the deliverables that exist into OUT (views into OUT/views/); return their paths relative to OUT."""
+    """Put the deliverables that exist into OUT (views into OUT/views/); return their paths relative to OUT."""
     copied = []
     for stage, name, dest in DELIVERABLES:
         src = job.path(stage, name)
         if src.is_file():
-            shutil.copy2(src, out / dest)
+            _link_or_copy(src, out / dest)
             copied.append(dest)
     for stage, pattern in VIEW_IMAGES:
         for src in sorted(job.stage_dir(stage).glob(pattern)):
             (out / "views").mkdir(exist_ok=True)
-            shutil.copy2(src, out / "views" / src.name)
+            _link_or_copy(src, out / "views" / src.name)
             copied.append(f"views/{src.name}")
     return copied
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (instant; the job's files are only ever replaced, never written in place), else a copy
+    (another file system, or one without links). What was at `dst` before is replaced."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:

@@ -294,7 +294,7 @@ class Runner:
                 self.reclaimed = None
                 continue
             if attempt.exit_code == EXIT_OK:
-                if not self.ctx.job.is_done(spec.name, keys[spec.name]):
+                if not self.ctx.job.is_written(spec.name, keys[spec.name]):
                     raise StageFailed(1, f"stage {spec.name} exited 0 without its manifest or outputs (a bug); "
                                          f"see {self.ctx.job.path(spec.name, 'log.txt')}")  # fmt: skip
                 if spec.exports:
@@ -531,7 +531,7 @@ class Runner:
                     handed_over = True
                     break
                 self._reap_draining()
-                time.sleep(POLL_S)
+                proc.wait_for_news(POLL_S)
                 if cpu_why and time.monotonic() >= look_at:
                     look_at = time.monotonic() + RECLAIM_EVERY_S
                     if self._reclaim_gpu(spec):

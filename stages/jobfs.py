@@ -115,6 +115,12 @@ def _digest(path: Path) -> str | None:
     return _digests[key]
 
 
+def remember_digest(path: Path, hexdigest: str) -> None:
+    """Record the sha256 of a file just written from bytes already hashed, so `_digest` need not read it back."""
+    st = path.stat()
+    _digests[(str(path), st.st_ino, st.st_size, st.st_mtime_ns)] = hexdigest
+
+
 class JobDir:
     """Paths and small records of one job folder."""
 
@@ -145,7 +151,7 @@ class JobDir:
 
     def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
         """Write the manifest last, with the sha256 of each listed output."""
-        sums = {f: sha256_file(self.path(stage, f)) for f in manifest.get("outputs", [])}
+        sums = {f: _digest(self.path(stage, f)) for f in manifest.get("outputs", [])}
         write_msgpack(self.path(stage, MANIFEST), {**manifest, "sha256": sums})
 
     def is_done(self, stage: str, key: str) -> bool:
@@ -157,6 +163,13 @@ class JobDir:
         if not isinstance(outputs, list) or not isinstance(sums, dict):
             return False
         return all(isinstance(f, str) and _digest(self.path(stage, f)) == sums.get(f) for f in outputs)
+
+    def is_written(self, stage: str, key: str) -> bool:
+        """The manifest has this key and every output it lists exists: what a stage that has just exited 0 must
+        leave. Not re-hashed: the stage hashed them as it wrote the manifest (`is_done` checks them on resume)."""
+        m = self.read_manifest(stage)
+        outputs = m.get("outputs") if m and m.get("key") == key else None
+        return isinstance(outputs, list) and all(isinstance(f, str) and self.path(stage, f).is_file() for f in outputs)
 
     def damaged_outputs(self, stage: str) -> list[str]:
         """Outputs whose bytes no longer match the manifest (for messages); [] when none or no manifest."""

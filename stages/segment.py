@@ -84,7 +84,7 @@ def run(ctx: StageContext, prepared: Any) -> None:
 
         model = load_birefnet(ctx.ckpt("birefnet"), "cpu", torch.float32)
     if model is not None and to_matte:
-        model.to(ctx.device)
+        model.to(ctx.use_device())  # only now a CUDA context: photos with their own alpha never need one
     rgbs, alphas = [], []
     for i, (path, im) in enumerate(zip(photos, images, strict=True)):
         source = "its own alpha" if im.mode == "RGBA" else "the matte"
@@ -116,4 +116,4 @@ def run(ctx: StageContext, prepared: Any) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(NAME, run, prepare)
+    stage_main(NAME, run, prepare, lazy_device=True)

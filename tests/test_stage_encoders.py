@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from stages.jobfs import JobDir, sha256_file
 from stages.plan import Plan
-from stages.spec import EXIT_BAD_INPUT, EXIT_MISSING_WEIGHTS, EXIT_OK
+from stages.spec import EXIT_BAD_INPUT, EXIT_MISSING_WEIGHTS, EXIT_NO_DEVICE, EXIT_OK
 from up2you.encoders.tiny import write_tiny_encoders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,12 +44,12 @@ def _photos(folder: Path) -> list[Path]:
     return paths
 
 
-def _job(tmp: Path, photos: list[Path], weights: Path, profile: str = "tiny") -> JobDir:
+def _job(tmp: Path, photos: list[Path], weights: Path, profile: str = "tiny", device: str = "cpu") -> JobDir:
     job = JobDir(tmp / "job")
     job.root.mkdir(parents=True, exist_ok=True)
     job.write_inputs({"photos": [{"path": str(p), "size": p.stat().st_size, "sha256": sha256_file(p)}
                                  for p in photos]})
-    plan = Plan(views=N_VIEWS, device="cpu", profile=profile, weights_dir=str(weights), ref_chunk=2)
+    plan = Plan(views=N_VIEWS, device=device, profile=profile, weights_dir=str(weights), ref_chunk=2)
     for stage in ("segment", "features", "weights"):
         job.write_request(stage, {"plan": plan.to_dict(), "key": f"k-{stage}", "attempt": 1, "cap_bytes": None})
     return job
@@ -144,6 +144,19 @@ def test_segment_with_only_cutouts_never_loads_birefnet(tmp_path: Path) -> None:
     assert r.returncode == EXIT_OK, r.stderr
     extras = job.read_manifest("segment")["extras"]
     assert extras["birefnet_runs"] == 0 and "not loaded" in extras["birefnet"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows that no CUDA call is made: needs a machine without CUDA")
+def test_segment_on_a_gpu_plan_touches_cuda_only_for_photos_it_must_matte(tmp_path: Path, weights: Path) -> None:
+    cutout, plain = _photos(tmp_path)[:2]
+    job = _job(tmp_path / "a", [cutout], weights, device="cuda:0")  # own alpha: no BiRefNet, no CUDA context
+    r = _run("segment", job, weights)
+    assert r.returncode == EXIT_OK, r.stderr
+    assert job.read_manifest("segment")["torch_peak_allocated"] == 0
+    job = _job(tmp_path / "b", [cutout, plain], weights, device="cuda:0")  # one to matte: it asks for the GPU
+    r = _run("segment", job, weights)
+    assert r.returncode == EXIT_NO_DEVICE, r.stderr
+    assert "no CUDA GPU" in job.read_error("segment")["message"]
 
 
 def test_segment_full_random_uses_photo_alpha_and_says_so(tmp_path: Path) -> None:
