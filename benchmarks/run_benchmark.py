@@ -140,8 +140,9 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
         "plan_label": (r.choice if r else report.choice).candidate.label, "plan": plan.to_dict(),
         "replans": [p.__dict__ for p in r.replans] if r else [],
         "attempts": [[a.stage, a.attempt, a.outcome, a.plan_label] for a in r.attempts] if r else [], "stages": stages, "wall_s": round(wall, 3),
-        # per attempt (seconds from the runner's start): started (`go`), wall, ready (pre-start done)
-        "windows": [[a.stage, round(a.started_s, 3), round(a.wall_s, 3), round(a.ready_s, 3) if a.ready_s else None]
+        # per attempt (seconds from the runner's start): started (`go`), wall, ready (pre-start done), spawned
+        "windows": [[a.stage, round(a.started_s, 3), round(a.wall_s, 3), round(a.ready_s, 3) if a.ready_s else None,
+                     round(a.spawned_s, 3) if a.spawned_s is not None else None]
                     for a in r.attempts if a.outcome != "skipped"] if r else [],
         "exports": r.exports if r else {},
         "compute_s": round(compute, 3), "overhead_s": round(overhead, 3),

@@ -90,6 +90,7 @@ class Attempt:
     wall_s: float = 0.0
     hidden_startup_s: float = 0.0
     ready_s: float | None = None  # when the process said `ready` (pre-start done), since the job started
+    spawned_s: float | None = None  # when its process was started, since the job started (before it, if earlier)
     message: str = ""
     reserved_bytes: int | None = None  # what the ledger reserved for it (its allocator cap + context)
     cpu_fallback: str = ""  # why this attempt ran on the CPU although the job plans for a GPU ("" = it did not)
@@ -561,6 +562,7 @@ class Runner:
             torch_peak_allocated=(manifest or error or {}).get("torch_peak_allocated"),
             started_s=started - self.t0, wall_s=time.monotonic() - started, hidden_startup_s=hidden,
             ready_s=proc.ready_at - self.t0 if proc.ready_at is not None else None,
+            spawned_s=proc.spawned_at - self.t0,
             message=("the GPU had room again: stopped here and run there" if handed_back
                      else _message(code, error, self.ctx.job.path(spec.name, "log.txt"))),
             reserved_bytes=reserved,

@@ -27,7 +27,9 @@ import sys
 import threading
 import time
 
+LAUNCHED_AT = time.time()  # this process's start as the stage's own clock reads it (psutil's can be ~1 s off)
 PARENT_ENV = "UP2YOU_PARENT_PID"
+STARTED_ENV = "UP2YOU_PROCESS_STARTED"
 PR_SET_PDEATHSIG = 1
 WATCH_S = 0.2  # the fallback notices a dead parent within this (the kernel's signal is immediate)
 
@@ -86,6 +88,7 @@ def main() -> None:
     guard(int(raw) if raw.isdigit() else None)
     module = sys.argv[1]
     sys.argv = [module, *sys.argv[2:]]
+    os.environ[STARTED_ENV] = repr(LAUNCHED_AT)  # for the stage's import time (stages.harness)
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

@@ -160,3 +160,13 @@ def test_two_processes_at_once_one_is_refused(photos, tmp_path) -> None:
     finally:
         first.kill()
         first.communicate()
+
+
+def test_a_stage_times_its_import_from_the_launchers_note_not_psutil(monkeypatch) -> None:
+    # psutil's create_time comes from the boot time in whole seconds (it read ~1 s early on the H200)
+    from stages import harness
+
+    monkeypatch.setenv(lifeline.STARTED_ENV, "1234.5")
+    assert harness._process_start() == 1234.5
+    assert lifeline.STARTED_ENV not in os.environ  # not handed on to a helper the stage starts
+    assert harness._process_start() == psutil.Process().create_time()  # without a note: psutil's
