@@ -88,24 +88,26 @@ def test_two_stages_wait_ahead_in_the_memory_for_two_and_one_holds_the_gpu_at_a_
     assert startup["prep"]["not_hidden_s"] >= startup["prep"]["setup_after_go_s"]
 
 
-def _gap_after_prep(out: Path) -> float:
-    """Seconds from the end of prep's work to the start of views' work (wall clocks of the two processes)."""
+def _run_with_prep_lingering(photos: Path, out: Path, vram: str, gpu24, fake_table, monkeypatch: pytest.MonkeyPatch):
+    """A fake job whose prep says `done`, then takes 3 s to exit (as a slow CUDA teardown does); and the seconds
+    from the end of prep's work to the start of views' work (wall clocks of the two processes)."""
+    monkeypatch.setenv("UP2YOU_FAULTS", "prep:linger:1:3")
+    report = run_job(photos, out, RunOptions(vram=vram, device="cpu"), probe=gpu24, pipeline=FAKE, table=fake_table)
+    assert report.ok, report.message
+    assert report.pipeline_result is not None and not report.pipeline_result.replans  # the plan is kept either way
     job = JobDir(out / "job")
-    return job.read_manifest("views")["extras"]["run_window"][0] - job.read_manifest("prep")["extras"]["run_window"][1]
+    gap = job.read_manifest("views")["extras"]["run_window"][0] - job.read_manifest("prep")["extras"]["run_window"][1]
+    return report, gap
 
 
 def test_the_next_stage_starts_at_done_while_the_last_one_is_still_exiting(
     photos: Path, tmp_path: Path, gpu24, fake_table, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    # prep says `done`, then takes 3 s to exit (as a slow CUDA teardown does); 12 GB holds prep (1.9 GiB) and
-    # views (2.4 GiB) side by side, so views is admitted beside prep's reservation and starts at once
-    monkeypatch.setenv("UP2YOU_FAULTS", "prep:linger:1:3")
+    # 12 GB holds prep (1.9 GiB) and views (2.4 GiB) side by side: views is admitted beside prep's reservation
     out = tmp_path / "out"
-    report = run_job(photos, out, RunOptions(vram="12GB", device="cpu"), probe=gpu24, pipeline=FAKE, table=fake_table)
-    assert report.ok, report.message
-    assert _gap_after_prep(out) < 2.0
+    report, gap = _run_with_prep_lingering(photos, out, "12GB", gpu24, fake_table, monkeypatch)
+    assert gap < 2.0
     result = report.pipeline_result
-    assert result is not None and not result.replans
     prep = next(a for a in result.attempts if a.stage == "prep")
     work_ended = JobDir(out / "job").read_manifest("prep")["extras"]["run_window"][1]
     assert prep.outcome == "ok"
@@ -117,9 +119,5 @@ def test_without_room_for_both_the_next_stage_waits_for_the_exit_and_keeps_its_p
 ) -> None:  # fmt: skip
     # --vram 3GB: prep needs 1.9 GiB and views 1.7 GiB, 3.6 together: views must wait until prep has exited
     # (its memory is back), and must not take a smaller rung for want of what prep still holds
-    monkeypatch.setenv("UP2YOU_FAULTS", "prep:linger:1:3")
-    out = tmp_path / "out"
-    report = run_job(photos, out, RunOptions(vram="3GB", device="cpu"), probe=gpu24, pipeline=FAKE, table=fake_table)
-    assert report.ok, report.message
-    assert _gap_after_prep(out) >= 2.5
-    assert report.pipeline_result is not None and not report.pipeline_result.replans
+    _, gap = _run_with_prep_lingering(photos, tmp_path / "out", "3GB", gpu24, fake_table, monkeypatch)
+    assert gap >= 2.5
