@@ -270,6 +270,17 @@ def _waited(timings: Mapping[str, Any] | None) -> bool | None:
     return float(timings["wait_s"]) > WAITED_S
 
 
+def _runner_startups(windows: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """Start-up (spawn -> `ready`) per stage on the runner's one clock, from a run's windows that record the spawn
+    ([stage, go, wall, ready, spawned]); the manifests' import_s rests on psutil's create_time, which can be ~1 s
+    off (the H200 of 2026-12-03). First attempts only."""
+    out: dict[str, float] = {}
+    for w in windows:
+        if len(w) >= 5 and w[3] is not None and w[4] is not None and w[0] not in out:
+            out[w[0]] = max(0.0, float(w[3]) - float(w[4]))
+    return out
+
+
 def rows_from_benchmark(path: Path | str, skip_runs: Sequence[str] = ()) -> tuple[list[TimeRow], list[float]]:
     """Rows of a benchmarks/run_benchmark.py result, and each clean run's job overhead.
 
@@ -286,6 +297,7 @@ def rows_from_benchmark(path: Path | str, skip_runs: Sequence[str] = ()) -> tupl
         if run_name in skip_runs:
             continue
         plan = Plan.from_dict(r["plan"])
+        runner_startup = _runner_startups(r.get("windows") or [])
         walls: list[float] = []
         previous_wall: float | None = None
         for stage, s in r["stages"].items():
@@ -297,8 +309,8 @@ def rows_from_benchmark(path: Path | str, skip_runs: Sequence[str] = ()) -> tupl
             walls.append(s["wall_s"])
             if s.get("nfe") is not None and s["plan"] != r["plan_label"]:
                 continue
-            rows.append(TimeRow(stage, plan, BENCHMARK_PHOTOS, s["run_s"],
-                                (s.get("import_s") or 0.0) + (s.get("prepare_s") or 0.0), s["wall_s"],
+            startup = runner_startup.get(stage, (s.get("import_s") or 0.0) + (s.get("prepare_s") or 0.0))
+            rows.append(TimeRow(stage, plan, BENCHMARK_PHOTOS, s["run_s"], startup, s["wall_s"],
                                 available, f"{name}: {run_name}", _waited(s.get("timings"))))  # fmt: skip
         if r.get("ok") and not r.get("replans") and walls:
             overheads.append(r["wall_s"] - sum(walls))

@@ -274,12 +274,31 @@ def test_shipped_v5_is_the_h200s_own_memory_and_times_and_a_fresh_fit() -> None:
             assert predicted <= 1.25 * m.nvml_peak, (m.stage, m.point, predicted, m.nvml_peak)
 
 
-def test_shipped_v6_keeps_v5s_memory_fit_times_the_runs_with_exports_and_is_the_h200s_table() -> None:
+def test_shipped_v7_takes_start_ups_from_the_runs_on_one_clock_and_is_the_h200s_table() -> None:
+    script = _fit_script()
+    v7 = json.loads((TABLES / "up2you-v7.json").read_text())
+    assert _same_numbers(script.build(script.H200_V7), v7), "up2you-v7.json is stale: run benchmarks/fit_time_table.py"
+    assert load_table(gpu_name="NVIDIA H200").version == 7
+    assert load_table(gpu_name="NVIDIA H100 80GB HBM3").version == 3
+    table = load_table(TABLES / "up2you-v7.json")
+    files = table.time.provenance["files"]
+    assert [f for f in files if "5runs" in f] == [
+        "benchmarks/results/h200/h200_full_files_5runs_handover_prompts_2026-12-03.json",
+        "benchmarks/results/h200/h200_full_files_5runs_handover_v7interim_2026-12-03.json"]
+    # every start-up is the second invocation's spawn -> `ready`: segment's, for one, near its 2.3 s there and far
+    # from the 4 s of the grid (no bytecode) or the ~2.8 s that psutil's clock gave in the first invocation
+    segment = sum(t.coef for t in table.time.stages["segment"].terms if t.part == "startup")
+    assert 2.0 < segment < 2.6, segment
+    runs = script.whole_run_peaks(script.H200_V7.benchmarks, script.LENGTH_DEPENDENT)
+    assert len(runs) == 50
+    for m in runs:  # the memory side still covers every mesh/video peak of all five invocations
+        assert predict(m.stage, Plan.from_dict(m.plan), m.n_refs, table).total_bytes >= m.nvml_peak * 0.999, m.point
+
+
+def test_shipped_v6_keeps_v5s_memory_fit_times_the_runs_with_exports() -> None:
     script = _fit_script()
     v6 = json.loads((TABLES / "up2you-v6.json").read_text())
     assert _same_numbers(script.build(script.H200_V6), v6), "up2you-v6.json is stale: run benchmarks/fit_time_table.py"
-    assert load_table(gpu_name="NVIDIA H200").version == 6
-    assert load_table(gpu_name="NVIDIA H100 80GB HBM3").version == 3
     files = load_table(TABLES / "up2you-v6.json").time.provenance["files"]
     assert [f for f in files if "5runs" in f] == ["benchmarks/results/h200/h200_full_files_5runs_exports_2026-12-03.json"]
     # the runs with the old in-stage writes still count for memory: every mesh/video peak of all three is covered
@@ -300,10 +319,12 @@ def test_h200_whole_runs_are_predicted_by_a_fit_that_never_saw_them() -> None:
     one-time pinning have proportional columns (2 x views x px): that split is not identified, and 8GB's rgb
     comes out far too long. With the 8GB runs in the fit (the shipped table) it is. v6 (the grid and the five
     runs with exports): whole runs -6.5 ... +11.4 %, 23 of the 32 stage walls outside 8GB within +-15 %
-    (26 of 40 with it), 8GB unidentified as in v5."""
+    (26 of 40 with it), 8GB unidentified as in v5. v7 (two invocations on two leases, start-ups from the second):
+    whole runs -8.3 ... +13.8 % outside 8GB, 45 of the 64 stage walls outside 8GB within +-15 % (53 of 80)."""
     script = _fit_script()
-    for fit, runs, within_min, unidentified, bound in ((script.H200, 5, 33, (), 10), (script.H200_V5, 10, 52, ("8GB",), 10),
-                                                       (script.H200_V6, 5, 23, ("8GB",), 12)):  # fmt: skip
+    for fit, runs, within_min, unidentified, bound, long_bound in (
+            (script.H200, 5, 33, (), 10, 20), (script.H200_V5, 10, 52, ("8GB",), 10, 20),
+            (script.H200_V6, 5, 23, ("8GB",), 12, 20), (script.H200_V7, 10, 45, ("8GB",), 14, 25)):  # fmt: skip
         result = script.leave_one_out(fit)
         assert len(result["runs"]) == runs
         for name, run in result["runs"].items():
@@ -311,7 +332,7 @@ def test_h200_whole_runs_are_predicted_by_a_fit_that_never_saw_them() -> None:
                 continue
             assert abs(run["error_pct"]) <= bound, (fit.version, name, run["error_pct"])
             for stage in ("rgb", "normal", "mesh"):  # the long stages
-                assert abs(run["stages"][stage]["wall_error_pct"]) <= 20, (fit.version, name, stage)
+                assert abs(run["stages"][stage]["wall_error_pct"]) <= long_bound, (fit.version, name, stage)
         kept = [r for n, r in result["runs"].items() if n.split(": ")[-1] not in unidentified]
         within = sum(abs(s["wall_error_pct"]) <= 15 for r in kept for s in r["stages"].values())
         assert within >= within_min, (fit.version, within)
