@@ -5,17 +5,18 @@ started by the runner as ``python -m stages.<name> JOB_DIR --weights DIR --profi
 
 What the harness guarantees, so that stages need not:
 - **pre-start**: with ``--prestart`` it imports, runs ``prepare`` (weights into host memory, no
-  CUDA), prints ``ready`` and blocks on stdin until the runner writes ``go`` — start-up overlaps
-  the previous stage while isolation is kept (CUDA is touched only after ``go``);
+  CUDA context), starts the CUDA driver (a device count: no context, no GPU memory), prints ``ready`` and
+  blocks on stdin until the runner writes ``go`` — start-up overlaps the previous stage while isolation
+  is kept (a context, and so GPU memory, only after ``go``);
 - **memory cap**: ``torch.cuda.set_per_process_memory_fraction`` to the budget in the request;
 - **a CPU plan never touches CUDA** (the runner's CPU fallback hands a process spawned with a GPU
   visible a plan with ``device="cpu"``): no context, no cap, and the GPUs are hidden before anything
   could create a context;
 - **fault injection**: ``UP2YOU_FAULTS=rgb:oom:1`` raises a real ``torch.cuda.OutOfMemoryError``
   in stage ``rgb`` on attempts <= 1 (kinds: ``oom``, ``oom_runtime``, ``crash``, ``sleep``,
-  ``enospc`` (the first output write fails: disk full), ``linger`` (exit late, after ``done``), ``pause`` (``rgb:pause:1:write``: stop at a
-  named point — prepare, start, write, manifest, end — touch ``$UP2YOU_FAULT_MARKER`` and wait, so
-  a test can kill the orchestrator at exactly that moment));
+  ``enospc`` (the first output write fails: disk full), ``linger`` (``rgb:linger:1:3``: exit 3 s after
+  ``done``), ``pause`` (``rgb:pause:1:write``: stop at a named point — prepare, start, write, manifest,
+  end — touch ``$UP2YOU_FAULT_MARKER`` and wait, so a test can kill the orchestrator at that moment));
 - **same seed, same bytes**: the global RNGs (torch, numpy, random) start from the plan's seed;
 - **exit codes** (stages.spec): OOM in any of its disguises -> 75, bad input -> 65, missing
   weights -> 66, no GPU -> 69, disk full -> 74, SIGINT/SIGTERM -> 130; an ``error.msgpack`` says why;
@@ -314,9 +315,19 @@ def _linger(name: str, attempt: int) -> None:
             time.sleep(float(parts[3]) if len(parts) > 3 else 1.0)
 
 
+def _start_cuda_driver() -> None:
+    """Start the CUDA driver while the process waits for `go`: torch's device count (0.18-0.19 s on the lent H200,
+    `benchmarks/cuda_init_cost.py`) makes no context and takes no GPU memory, so only the context (0.13-0.16 s) is
+    left for the set-up after `go`. Skipped where the GPUs are hidden; never fails the stage."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return
+    with contextlib.suppress(Exception):
+        torch.cuda.is_available()
+
+
 def _apply_cap(ctx: StageContext) -> None:
     if ctx.device.type != "cuda":
-        if not torch.cuda.is_initialized():  # a pre-started process was spawned seeing the GPU: hide it
+        if not torch.cuda.is_initialized():  # spawned seeing the GPU (its driver may have started, no context): hide it
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return
     if not torch.cuda.is_available():
@@ -394,6 +405,9 @@ def stage_main(
         ctx.timings["prepare_s"] = time.time() - t
         _fault_point(name, "prepare", 1)
         if args.prestart:
+            t = time.time()
+            _start_cuda_driver()
+            ctx.timings["driver_s"] = time.time() - t
             print(f"ready {time.time() - T0:.3f}", flush=True)
             t = time.time()
             line = sys.stdin.readline().strip()

@@ -121,3 +121,21 @@ def test_without_room_for_both_the_next_stage_waits_for_the_exit_and_keeps_its_p
     # (its memory is back), and must not take a smaller rung for want of what prep still holds
     _, gap = _run_with_prep_lingering(photos, tmp_path / "out", "3GB", gpu24, fake_table, monkeypatch)
     assert gap >= 2.5
+
+
+def test_a_waiting_stage_starts_the_cuda_driver_but_makes_no_context(monkeypatch) -> None:
+    import torch
+
+    from stages import harness
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: calls.append(1) or False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    harness._start_cuda_driver()
+    assert calls == [1] and not torch.cuda.is_initialized()  # a device count: no context, no GPU memory
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden: nothing to start
+    harness._start_cuda_driver()
+    assert calls == [1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: 1 / 0)  # a broken driver never fails the stage
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    harness._start_cuda_driver()
