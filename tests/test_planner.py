@@ -185,5 +185,5 @@ def test_the_plan_says_when_its_table_was_measured_on_another_gpu(photos) -> Non
         assert not [n for n in plan_notes(jp) if "measured on" in n]
     other = planned("NVIDIA A100-SXM4-80GB")  # none: the newest, said so
     notes = [n for n in plan_notes(other) if "measured on" in n]
-    assert other.table.version == 6 and len(notes) == 1
+    assert other.table.version == 7 and len(notes) == 1
     assert "NVIDIA H200, not on this NVIDIA A100-SXM4-80GB" in notes[0] and "calibrate --gpu 0" in notes[0]
