@@ -4,7 +4,7 @@ A stage's prompts are fixed (`RGB_PROMPT`, `NORMAL_PROMPT` and the empty one), s
 depend only on the text encoder's and tokenizer's files and on the machine that computes them. The first
 job computes them exactly as before (the encoder on the device, in the compute dtype) and stores the
 result; a later job with the same files, dtype, device model and library versions reads the same bits
-back and leaves the encoder in host memory (0.8 s a diffusion stage on the lent H200, 2026-12-03).
+back and leaves the encoder in host memory (0.5-1.2 s a diffusion stage on the lent H200, 2026-12-03).
 Anything that could change a bit is in the key; a file that cannot be read is a miss, never an error.
 """
 
