@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from stages.jobfs import write_bytes
+from up2you.buildcache import cache_dir
 
-CACHE_ENV = "UP2YOU_CACHE_DIR"
 OOM_GROWTH = 1.15  # a failed stage's new estimate: at least this much above what it failed at
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "up2you-budget")
 
 
 class Corrections:

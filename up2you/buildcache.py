@@ -1,9 +1,16 @@
-"""Where torch extensions (nvdiffrast's CUDA plugin) are built: torch-free, so `doctor` can look there."""
+"""Where this machine's caches are: torch-free, so `doctor` and the orchestrator can look there too."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+CACHE_ENV = "UP2YOU_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """`$UP2YOU_CACHE_DIR`, else ~/.cache/up2you-budget: learned corrections, tiny weights, prompt embeddings."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "up2you-budget")
 
 
 def extensions_dir() -> Path:

@@ -112,9 +112,9 @@ class MultiViewSampler:
         computed them from the same files (the same bits), else computed here and stored for the next job."""
         te = self.m.text_encoder
         assert te is not None, "prompts are encoded once per sampler"
-        cache, files = self.prompt_cache, self.m.text_files
-        key = cache.key([prompt, ""], files, self.dtype, self.device) if cache is not None and files else None
-        hit = cache.load(key) if cache is not None and key else None
+        cache = self.prompt_cache if self.m.text_files else None  # full-random has no files: nothing to key on
+        key = cache.key([prompt, ""], self.m.text_files, self.dtype, self.device) if cache is not None else ""
+        hit = cache.load(key) if cache is not None else None
         if hit is not None:
             self.m.text_encoder = None
             self.stats["prompt_cache"] = "hit"
@@ -125,7 +125,7 @@ class MultiViewSampler:
         self.m.text_encoder = None
         del te
         self._empty_cache()
-        if cache is not None and key:
+        if cache is not None:
             cache.store(key, emb[:1], emb[1:])
             self.stats["prompt_cache"] = "stored"
         return emb[:1], emb[1:]

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-CACHE_ENV = "UP2YOU_CACHE_DIR"  # the same folder as orchestrator.corrections' (default ~/.cache/up2you-budget)
+from up2you.buildcache import cache_dir
 
 
 def default_folder() -> Path:
-    base = os.environ.get(CACHE_ENV)
-    return (Path(base) if base else Path.home() / ".cache" / "up2you-budget") / "prompt_embeddings"
+    return cache_dir() / "prompt_embeddings"
 
 
 def text_files(sd_folder: Path) -> tuple[Path, ...]:
