@@ -2,7 +2,7 @@
 
 `pip install` writes `.pyc` files, but a package copied, unpacked or installed with `--no-compile` has
 none, and with `PYTHONDONTWRITEBYTECODE=1` Python keeps nothing it compiles: each of a job's eight
-stage processes then compiles torch from source (measured on the lent H200: `import torch` 3.9-4.4 s
+stage processes then compiles torch from source (the lent H200, torch 2.11, 2026-12-03: `import torch` 3.9-4.4 s
 without bytecode, 1.6-2.5 s with it; `benchmarks/pyc_check.sh`). `doctor` counts the modules without
 bytecode and `setup` compiles them, in place (where `sys.pycache_prefix` points, when it is set).
 
