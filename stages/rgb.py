@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.harness import BadInputError, StageContext, stage_main
-from up2you.diffusion.lean_imports import lean_imports
+from up2you.diffusion.lean_imports import compiler_state, lean_imports
 from up2you.diffusion.models import DiffusionModels, load_for_profile, materialize_models, random_sd21
 from up2you.diffusion.pipeline import RGB_PROMPT, MultiViewSampler, SamplerOptions
 from up2you.diffusion.prompt_cache import PromptCache
@@ -129,6 +129,7 @@ def finish(ctx: StageContext, images: torch.Tensor,
             ctx.record(alpha="birefnet")
     with ctx.timed("write"):  # the RGBA PNGs are written from these by stages.export, beside the next stage
         ctx.save_tensors("outputs.safetensors", {"images": images.float().contiguous(), "alphas": alphas.contiguous()})
+    ctx.record(compiler=compiler_state())  # "held back" unless something in the run needed torch._dynamo
 
 
 def prepare(ctx: StageContext) -> Prepared:

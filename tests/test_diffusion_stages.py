@@ -87,9 +87,10 @@ def test_rgb_then_normal_stage(job: Path, weights: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     extras = _check_outputs(job, "rgb", "view")
     assert extras["diffusion_nfe"] == 3 and extras["diffusion_nfe_saved"] == 1 and extras["alpha"] == "birefnet"
+    assert extras["compiler"] == "held back"  # loading, sampling and matting never needed torch._dynamo
     proc = _run_stage("normal", job, weights, cfg_mode="sequential", vae_mode="tiled")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _check_outputs(job, "normal", "normal")
+    assert _check_outputs(job, "normal", "normal")["compiler"] == "held back"
 
 
 def test_missing_adapter_exits_66(job: Path, weights: Path, tmp_path: Path) -> None:

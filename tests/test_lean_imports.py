@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FORWARD = """
 import json, sys, hashlib
-from up2you.diffusion.lean_imports import lean_imports
+from up2you.diffusion.lean_imports import compiler_state, lean_imports
 applied = lean_imports()
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -32,7 +32,7 @@ digest = hashlib.sha256(out.numpy().tobytes() + img.numpy().tobytes()).hexdigest
 eager = "diffusers.models.transformers.transformer_flux" in sys.modules
 import diffusers.models.transformers as package
 print(json.dumps({"applied": applied, "digest": digest, "eager_imported": eager, "modules": len(sys.modules),
-                  "package_name": package.Transformer2DModel.__name__}))
+                  "package_name": package.Transformer2DModel.__name__, "compiler": compiler_state()}))
 """
 
 
@@ -49,7 +49,10 @@ def test_lean_imports_skip_the_eager_packages_and_change_no_number() -> None:
     assert lean["digest"] == full["digest"]  # the same model code ran: bit for bit the same outputs
     assert set(lean["applied"]["deferred"]) == {"diffusers.models.transformers", "diffusers.models.unets",
                                                 "diffusers.models.autoencoders"}  # fmt: skip
-    assert full["applied"] == {"deferred": [], "absent": []}
+    assert lean["applied"]["held_back"] == ["torch._dynamo"]
+    assert full["applied"] == {"deferred": [], "absent": [], "held_back": []}
+    assert lean["compiler"] == "held back"  # the compiler's front end was never imported, not even for the forward
+    assert full["compiler"] == "imported"
     assert full["eager_imported"] and not lean["eager_imported"]  # the other model families were not imported
     assert lean["modules"] < full["modules"]
     # asking the package itself for a name still works: its real __init__ runs then
@@ -57,7 +60,7 @@ def test_lean_imports_skip_the_eager_packages_and_change_no_number() -> None:
 
 
 def test_an_unused_optional_package_looks_absent_and_a_used_one_is_left_alone(tmp_path: Path) -> None:
-    for name in ("peft", "sklearn"):  # stand-ins: whatever is installed here, these are what is found
+    for name in ("peft", "sklearn", "scipy"):  # stand-ins: whatever is installed here, these are what is found
         pkg = tmp_path / name
         pkg.mkdir()
         (pkg / "__init__.py").write_text("raise RuntimeError('imported')\n")
@@ -75,5 +78,32 @@ print(json.dumps({"before": before, "marked": marked, "after": importlib.util.fi
                   "imported": imported, "json_still_there": importlib.util.find_spec("json") is not None}))
 """
     out = _run(code, True, extra_path=str(tmp_path))
-    assert out["before"] and sorted(out["marked"]) == ["peft", "sklearn"]
+    assert out["before"] and sorted(out["marked"]) == ["peft", "scipy", "sklearn"]
     assert not out["after"] and not out["imported"] and out["json_still_there"]
+
+
+def test_the_compiler_stand_in_steps_aside_for_anything_but_its_decorators() -> None:
+    code = """
+import json, sys, torch
+from up2you.diffusion.lean_imports import CompilerStandIn, compiler_state, lean_imports
+lean_imports()
+import diffusers, transformers  # noqa: F401
+stand_in = sys.modules["torch._dynamo"]
+
+@torch.compiler.disable
+def kept(x):
+    return x + 1
+
+before = compiler_state()
+same = kept(torch.ones(1)).item() == 2.0 and isinstance(stand_in, CompilerStandIn)
+import torch._dynamo.config as config  # a submodule: the real compiler, and its own copy of the submodule
+compiled = torch.compile(lambda t: t * 2 + 1, backend="eager")(torch.ones(2)).tolist()
+print(json.dumps({"before": before, "same": same, "after": compiler_state(), "compiled": compiled,
+                  "real": not isinstance(sys.modules["torch._dynamo"], CompilerStandIn),
+                  "one_config": config is sys.modules["torch._dynamo"].config,
+                  "through_stand_in": stand_in.config is config}))
+"""
+    out = _run(code, True)
+    assert out["before"] == "held back" and out["same"]
+    assert out["after"] == "imported for torch._dynamo.config" and out["real"]
+    assert out["one_config"] and out["through_stand_in"] and out["compiled"] == [3.0, 3.0]
