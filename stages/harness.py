@@ -43,12 +43,11 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 T0 = time.time()
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from stages import export  # noqa: E402
 from stages.jobfs import JobDir, atomic_path, remember_digest, shown  # noqa: E402
@@ -65,6 +64,23 @@ from stages.spec import (  # noqa: E402
     EXIT_OOM,
 )
 from up2you import checkpoints  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+def _torch() -> Any:
+    """torch, imported where the harness first needs it. Every stage but one imports it at its own top; segment
+    does not when each photo brings its alpha, and its process then starts without torch's 1.4-2.4 s import
+    (the first stage: nothing hides its start-up)."""
+    import torch
+
+    return torch
+
+
+def _torch_if_imported() -> Any:
+    """torch if this process has imported it, else None: what never made a context or tensor needs no clean-up."""
+    return sys.modules.get("torch")
+
 
 FAULTS_ENV = "UP2YOU_FAULTS"
 FAULT_MARKER_ENV = "UP2YOU_FAULT_MARKER"
@@ -89,7 +105,8 @@ _OOM_MARKERS = (
 def is_oom(exc: BaseException) -> bool:
     """True for every way an out-of-memory reaches Python: torch's own error, and the RuntimeErrors
     that CUDA, cuBLAS, cuDNN and nvdiffrast raise for failed allocations."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    torch = _torch_if_imported()
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     if isinstance(exc, RuntimeError):
         msg = str(exc).lower()
@@ -103,7 +120,7 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 def png_bytes(image: np.ndarray | torch.Tensor) -> bytes:
     """HxWxC (or CxHxW tensor) in [0,1] float or uint8, encoded as PNG."""
-    if isinstance(image, torch.Tensor):
+    if not isinstance(image, np.ndarray):  # a tensor: torch is imported
         image = image.detach().float().cpu()
         if image.ndim == 3 and image.shape[0] in (1, 3, 4):
             image = image.permute(1, 2, 0)
@@ -146,20 +163,29 @@ class StageContext:
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.plan.device)
+        return _torch().device(self.plan.device)
+
+    @property
+    def device_type(self) -> str:
+        """"cuda" or "cpu", without importing torch."""
+        return self.plan.device.split(":")[0]
 
     def use_device(self) -> torch.device:
         """The plan's device with its memory cap applied (once). The harness does this before `run`, except for a
         stage started with lazy_device, which calls it only when it does touch the GPU."""
+        self._apply_cap_once()
+        return self.device
+
+    def _apply_cap_once(self) -> None:
         if not self._device_ready:
             _apply_cap(self)
             self._device_ready = True
-        return self.device
 
     @property
     def dtype(self) -> torch.dtype:
         """Compute dtype: the plan's on GPU, float32 on CPU (half precision on CPU is slow and partial)."""
-        if self.device.type != "cuda":
+        torch = _torch()
+        if self.device_type != "cuda":
             return torch.float32
         return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.plan.dtype]
 
@@ -190,13 +216,19 @@ class StageContext:
 
         return load_file(str(self.read_path(stage, name)))
 
-    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor] | dict[str, np.ndarray],
+                     metadata: dict[str, str] | None = None) -> Path:
         """Write safetensors atomically; its sha256 (for the manifest) is taken from the bytes in memory while they
-        are written, instead of reading the file back afterwards (0.1 s for rgb's 188 MB)."""
-        from safetensors.torch import save
+        are written, instead of reading the file back afterwards (0.1 s for rgb's 188 MB). numpy arrays are
+        written without torch, in the same format (the same bytes as their tensors: tested)."""
+        if all(isinstance(v, np.ndarray) for v in tensors.values()):
+            from safetensors.numpy import save as save_arrays
 
-        clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        data = save(clean, metadata=metadata)
+            data = save_arrays({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+        else:
+            from safetensors.torch import save
+
+            data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
         with ThreadPoolExecutor(1) as pool:  # hashlib lets go of the GIL on large buffers
             digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
             with self.write_file(name) as tmp:
@@ -245,7 +277,8 @@ class StageContext:
         self.timings[f"{phase}_s"] = round(time.perf_counter() - t, 4)
 
     def _sync(self) -> None:
-        if self.device.type == "cuda" and torch.cuda.is_initialized():
+        torch = _torch_if_imported()
+        if self.device_type == "cuda" and torch is not None and torch.cuda.is_initialized():
             torch.cuda.synchronize(self.device)
 
     def log(self, msg: str) -> None:
@@ -253,7 +286,8 @@ class StageContext:
 
     def free_memory(self) -> None:
         gc.collect()
-        if torch.cuda.is_initialized():  # never the first CUDA call: a CPU stage must create no context
+        torch = _torch_if_imported()
+        if torch is not None and torch.cuda.is_initialized():  # never the first CUDA call: a CPU stage must create none
             torch.cuda.empty_cache()
 
 
@@ -286,10 +320,14 @@ def _fault_point(name: str, point: str, attempt: int) -> None:
 
 
 def _seed_everything(seed: int) -> None:
-    """Code that draws from the global RNGs (e.g. remeshing's random edge picks) repeats with the plan."""
+    """Code that draws from the global RNGs (e.g. remeshing's random edge picks) repeats with the plan. torch's
+    too, when the stage has imported it by now (all but segment, which imports it later only to matte, and
+    draws no random numbers)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch = _torch_if_imported()
+    if torch is not None:
+        torch.manual_seed(seed)
 
 
 def _inject_fault(name: str, attempt: int) -> None:
@@ -297,7 +335,7 @@ def _inject_fault(name: str, attempt: int) -> None:
     for parts in _faults(name, attempt):
         kind = parts[1]
         if kind == "oom":
-            raise torch.cuda.OutOfMemoryError(
+            raise _torch().cuda.OutOfMemoryError(
                 f"CUDA out of memory (injected by {FAULTS_ENV}={spec!r}, attempt {attempt})")
         if kind == "oom_runtime":
             raise RuntimeError(f"CUDA error: out of memory (injected, attempt {attempt})")
@@ -315,21 +353,24 @@ def _linger(name: str, attempt: int) -> None:
             time.sleep(float(parts[3]) if len(parts) > 3 else 1.0)
 
 
-def _start_cuda_driver() -> None:
+def _start_cuda_driver(lazy_device: bool) -> None:
     """Start the CUDA driver while the process waits for `go`: torch's device count (0.18-0.19 s on the lent H200,
     `benchmarks/cuda_init_cost.py`) makes no context and takes no GPU memory, so only the context (0.13-0.16 s) is
-    left for the set-up after `go`. Skipped where the GPUs are hidden; never fails the stage."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+    left for the set-up after `go`. Skipped where the GPUs are hidden, and in a lazy-device stage that has not
+    imported torch (it may need neither); never fails the stage."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or (lazy_device and _torch_if_imported() is None):
         return
     with contextlib.suppress(Exception):
-        torch.cuda.is_available()
+        _torch().cuda.is_available()
 
 
 def _apply_cap(ctx: StageContext) -> None:
-    if ctx.device.type != "cuda":
-        if not torch.cuda.is_initialized():  # spawned seeing the GPU (its driver may have started, no context): hide it
+    if ctx.device_type != "cuda":
+        torch = _torch_if_imported()
+        if torch is None or not torch.cuda.is_initialized():  # spawned seeing the GPU, no context yet: hide it
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return
+    torch = _torch()
     if not torch.cuda.is_available():
         raise _NoDevice(f"the plan runs on {ctx.plan.device} but torch sees no CUDA GPU; use --device cpu --tiny")
     torch.cuda.set_device(ctx.device)
@@ -344,7 +385,8 @@ class _NoDevice(RuntimeError):
 
 
 def _peaks(ctx: StageContext) -> dict[str, int]:
-    if ctx.device.type == "cuda" and torch.cuda.is_initialized():  # a lazy stage that never used the GPU: none
+    torch = _torch_if_imported()
+    if ctx.device_type == "cuda" and torch is not None and torch.cuda.is_initialized():  # a lazy stage, no GPU used
         return {
             "torch_peak_allocated": int(torch.cuda.max_memory_allocated(ctx.device)),
             "torch_peak_reserved": int(torch.cuda.max_memory_reserved(ctx.device)),
@@ -406,7 +448,7 @@ def stage_main(
         _fault_point(name, "prepare", 1)
         if args.prestart:
             t = time.time()
-            _start_cuda_driver()
+            _start_cuda_driver(lazy_device)
             ctx.timings["driver_s"] = time.time() - t
             print(f"ready {time.time() - T0:.3f}", flush=True)
             t = time.time()
@@ -419,8 +461,8 @@ def stage_main(
         ctx._load_request()
         ctx.job.clear_error(name)
         ctx.job.sweep_temporaries(name)  # what a killed earlier attempt left half-written
-        if not lazy_device or ctx.device.type != "cuda":  # a CPU plan still hides the GPUs here
-            ctx.use_device()
+        if not lazy_device or ctx.device_type != "cuda":  # a CPU plan still hides the GPUs here
+            ctx._apply_cap_once()
         _seed_everything(ctx.plan.seed)
         _fault_point(name, "start", ctx.attempt)
         _inject_fault(name, ctx.attempt)
@@ -428,8 +470,7 @@ def stage_main(
         ctx.timings["setup_s"] = t - t_go  # after `go`, before the work: request, CUDA context, memory cap
         with _profiled(ctx):
             run(ctx, prepared)
-        if ctx.device.type == "cuda" and torch.cuda.is_initialized():
-            torch.cuda.synchronize(ctx.device)
+        ctx._sync()
         _fault_point(name, "manifest", ctx.attempt)
         ctx.timings["run_s"] = time.time() - t
         ctx.timings["import_s"] = t_import
@@ -441,7 +482,7 @@ def stage_main(
             "outputs": list(ctx._outputs),
             "timings": ctx.timings,
             "process_started_at": T0,  # wall clock when this process began importing (pre-start: long before go)
-            "device": str(ctx.device),
+            "device": ctx.plan.device,
             "cap_bytes": ctx.cap_bytes,
             "extras": ctx._extras,
             **_peaks(ctx),

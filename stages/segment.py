@@ -10,16 +10,18 @@ its remote code), so it uses the photo's own alpha or a full one and records tha
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from stages.harness import BadInputError, StageContext, stage_main
 from stages.jobfs import shown
 from stages.spec import MAX_PHOTO_PIXELS
 from up2you.encoders.preprocess import PhotoError, attach_alpha, canonicalise, open_photo, reference_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "segment"
 # "No person": the matte (BiRefNet's, or the photo's own alpha) is at least half opaque on fewer than
@@ -32,7 +34,13 @@ def prepare(ctx: StageContext) -> Any:
     """BiRefNet into host memory (real/tiny) unless every photo brings its own alpha; nothing for
     full-random. Segment is the first stage: nothing hides its start-up, so it loads only what it needs."""
     if ctx.profile == "full-random" or _all_have_alpha(ctx):
-        return None
+        return None  # and no torch: the harness imports it only where it is needed
+    return _load_matte(ctx)
+
+
+def _load_matte(ctx: StageContext) -> torch.nn.Module:
+    import torch
+
     from up2you.encoders.birefnet import load_birefnet
 
     return load_birefnet(ctx.ckpt("birefnet"), "cpu", torch.float32)
@@ -62,10 +70,12 @@ def person_coverage(rgba: Image.Image) -> float:
     return float((np.asarray(rgba.getchannel("A")) >= 128).mean())
 
 
-def _matte(model: torch.nn.Module | None, im: Image.Image) -> torch.Tensor:
+def _matte(model: torch.nn.Module | None, im: Image.Image) -> torch.Tensor | np.ndarray:
     """BiRefNet's alpha for an RGB photo; a full alpha when there is no model (full-random)."""
     if model is None:
-        return torch.ones(im.size[1], im.size[0])
+        return np.ones((im.size[1], im.size[0]), np.float32)
+    import torch
+
     from up2you.encoders.birefnet import predict_alpha
 
     pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
@@ -80,9 +90,7 @@ def run(ctx: StageContext, prepared: Any) -> None:
     model: torch.nn.Module | None = prepared
     to_matte = sum(im.mode != "RGBA" for im in images)
     if model is None and to_matte and ctx.profile != "full-random":  # the inputs changed after prepare
-        from up2you.encoders.birefnet import load_birefnet
-
-        model = load_birefnet(ctx.ckpt("birefnet"), "cpu", torch.float32)
+        model = _load_matte(ctx)
     if model is not None and to_matte:
         model.to(ctx.use_device())  # only now a CUDA context: photos with their own alpha never need one
     rgbs, alphas = [], []
@@ -106,7 +114,7 @@ def run(ctx: StageContext, prepared: Any) -> None:
     if model is not None:
         model.to("cpu")
         ctx.free_memory()
-    ctx.save_tensors("outputs.safetensors", {"ref_rgbs": torch.stack(rgbs), "ref_alphas": torch.stack(alphas)})
+    ctx.save_tensors("outputs.safetensors", {"ref_rgbs": np.stack(rgbs), "ref_alphas": np.stack(alphas)})
     ctx.record(n_refs=len(photos), alpha_kept=len(photos) - to_matte,
                birefnet_runs=to_matte if model is not None else 0)
     if model is None and ctx.profile == "full-random":

@@ -56,6 +56,19 @@ def test_reference_tensors_are_768_on_gray() -> None:
     assert float(alpha.max()) == 1.0
 
 
+def test_reference_tensors_in_numpy_round_as_torch_did() -> None:
+    """segment computes these without torch now; the bytes are those of the torch formula it replaced."""
+    import torch
+
+    canvas = canonicalise(_rgba(100, 200, (10, 50, 50, 150)))
+    rgb, alpha = reference_tensors(canvas)
+    arr = torch.from_numpy(np.asarray(canvas.resize((768, 768)), dtype=np.float32) / 255.0)
+    a = arr[..., 3]
+    want = (arr[..., :3] * a[..., None] + 0.5 * (1.0 - a[..., None])).permute(2, 0, 1).contiguous()
+    assert rgb.dtype == np.float32 and rgb.tobytes() == want.numpy().tobytes()
+    assert alpha.tobytes() == a.contiguous().numpy().tobytes()
+
+
 def test_existing_alpha_is_kept_and_opaque_alpha_is_not(tmp_path: Path) -> None:
     _rgba(60, 80, (10, 10, 30, 70)).save(tmp_path / "cut.png")
     kept = open_photo(tmp_path / "cut.png")

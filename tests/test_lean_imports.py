@@ -105,5 +105,5 @@ print(json.dumps({"before": before, "same": same, "after": compiler_state(), "co
 """
     out = _run(code, True)
     assert out["before"] == "held back" and out["same"]
-    assert out["after"] == "imported for torch._dynamo.config" and out["real"]
+    assert out["after"] == "imported for torch._dynamo.config (from <string>:14)" and out["real"]
     assert out["one_config"] and out["through_stand_in"] and out["compiled"] == [3.0, 3.0]

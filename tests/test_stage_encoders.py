@@ -68,6 +68,27 @@ def _fake_apose(job: JobDir) -> None:
               str(job.path("apose", "outputs.safetensors")))
 
 
+def test_segment_of_cut_outs_runs_without_torch(tmp_path: Path, weights: Path) -> None:
+    """Photos that bring their own alpha need no BiRefNet: segment then never imports torch (1.4-2.4 s of the
+    first stage's start-up on the H200 host), and writes the bytes that the torch path writes."""
+    photos = [p for p in _photos(tmp_path) if Image.open(p).mode == "RGBA"]
+    blocker = tmp_path / "no_torch"
+    (blocker / "torch").mkdir(parents=True)
+    (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    job = _job(tmp_path, photos, weights)
+    env = {**__import__("os").environ, "PYTHONPATH": f"{blocker}:{REPO}"}
+    r = subprocess.run([sys.executable, "-m", "stages.segment", str(job.root), "--weights", str(weights),
+                        "--profile", "tiny"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == EXIT_OK, r.stderr
+    seg = load_file(str(job.path("segment", "outputs.safetensors")))
+    assert tuple(seg["ref_rgbs"].shape) == (1, 3, 768, 768) and seg["ref_rgbs"].dtype == torch.float32
+    from safetensors.torch import save  # the same tensors written through torch: the same file
+
+    data = job.path("segment", "outputs.safetensors").read_bytes()
+    assert save({k: seg[k] for k in ("ref_rgbs", "ref_alphas")}) == data
+    assert job.read_manifest("segment")["extras"]["birefnet_runs"] == 0
+
+
 def test_three_stages_end_to_end(tmp_path: Path, weights: Path) -> None:
     photos = _photos(tmp_path)
     job = _job(tmp_path, photos, weights)

@@ -139,12 +139,24 @@ class CompilerStandIn(types.ModuleType):
         if sys.modules.get(DYNAMO) is not self:
             return importlib.import_module(DYNAMO)
         del sys.modules[DYNAMO]
-        self.needed_for = reason
+        self.needed_for = f"{reason} (from {_caller()})"
         real = importlib.import_module(DYNAMO)
         for key, value in list(self.__dict__.items()):
             if isinstance(value, types.ModuleType) and value.__name__ == f"{DYNAMO}.{key}":
                 real.__dict__.setdefault(key, value)
         return real
+
+
+def _caller() -> str:
+    """file:line of the code that asked, outside the import machinery and this module."""
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith("<frozen")
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    path = frame.f_code.co_filename
+    return f"{path.split('site-packages/')[-1]}:{frame.f_lineno}"
 
 
 class _CompilerSubmoduleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

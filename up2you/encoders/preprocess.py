@@ -19,10 +19,13 @@ compositing so rounding matches:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 CANVAS = 1024
 RATIO = 1.85 / 2
@@ -71,7 +74,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 
 def attach_alpha(rgb: Image.Image, alpha: torch.Tensor | np.ndarray) -> Image.Image:
     """RGBA from an RGB photo and a float matte (H,W) in [0,1], quantised as upstream (floor of a*255)."""
-    a = alpha.detach().cpu().numpy() if isinstance(alpha, torch.Tensor) else np.asarray(alpha)
+    a = np.asarray(alpha) if isinstance(alpha, np.ndarray) else alpha.detach().cpu().numpy()
     rgba = rgb.convert("RGB").copy()
     rgba.putalpha(Image.fromarray((np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L"))
     return rgba
@@ -104,9 +107,10 @@ def canonicalise(rgba: Image.Image, res: int = CANVAS, ratio: float = RATIO) -> 
     return Image.merge("RGBA", (*rgb.split(), alpha))
 
 
-def reference_tensors(canvas: Image.Image, size: int = REF_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 5: (3,size,size) rgb on gray in [0,1] and (size,size) alpha, float32."""
-    arr = torch.from_numpy(np.asarray(canvas.resize((size, size)), dtype=np.float32) / 255.0)
+def reference_tensors(canvas: Image.Image, size: int = REF_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Step 5: (3,size,size) rgb on gray in [0,1] and (size,size) alpha, float32. numpy, so segment needs no
+    torch for photos with their own alpha; each float32 operation rounds as torch's does (tested)."""
+    arr = np.asarray(canvas.resize((size, size)), dtype=np.float32) / np.float32(255.0)
     alpha = arr[..., 3]
-    rgb = arr[..., :3] * alpha[..., None] + GRAY * (1.0 - alpha[..., None])
-    return rgb.permute(2, 0, 1).contiguous(), alpha.contiguous()
+    rgb = arr[..., :3] * alpha[..., None] + np.float32(GRAY) * (np.float32(1.0) - alpha[..., None])
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1)), np.ascontiguousarray(alpha)
