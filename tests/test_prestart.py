@@ -131,11 +131,17 @@ def test_a_waiting_stage_starts_the_cuda_driver_but_makes_no_context(monkeypatch
     calls: list[int] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: calls.append(1) or False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    harness._start_cuda_driver()
+    harness._start_cuda_driver(False)
     assert calls == [1] and not torch.cuda.is_initialized()  # a device count: no context, no GPU memory
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden: nothing to start
-    harness._start_cuda_driver()
+    harness._start_cuda_driver(False)
     assert calls == [1]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: 1 / 0)  # a broken driver never fails the stage
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    harness._start_cuda_driver()
+    harness._start_cuda_driver(False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: calls.append(1) or False)
+    harness._start_cuda_driver(True)  # a lazy-device stage that imported torch (segment before matting)
+    assert calls == [1, 1]
+    monkeypatch.setattr(harness, "_torch_if_imported", lambda: None)
+    harness._start_cuda_driver(True)  # one that has not (cut-outs only): no torch import, no driver
+    assert calls == [1, 1]
