@@ -179,11 +179,11 @@ def test_the_plan_says_when_its_table_was_measured_on_another_gpu(photos) -> Non
     def planned(name: str):
         return plan_job(photos, RunOptions(vram="12GB", plan_only=True), SimulatedProbe(SimulatedGpu(80 * GiB, name=name)))
 
-    for name, version in (("NVIDIA H100 80GB HBM3", 3), ("NVIDIA H200", 7)):  # each has its own table
+    for name, version in (("NVIDIA H100 80GB HBM3", 3), ("NVIDIA H200", 8)):  # each has its own table
         jp = planned(name)
         assert jp.table.version == version and measured_on(jp.table, name)
         assert not [n for n in plan_notes(jp) if "measured on" in n]
     other = planned("NVIDIA A100-SXM4-80GB")  # none: the newest, said so
     notes = [n for n in plan_notes(other) if "measured on" in n]
-    assert other.table.version == 7 and len(notes) == 1
+    assert other.table.version == 8 and len(notes) == 1
     assert "NVIDIA H200, not on this NVIDIA A100-SXM4-80GB" in notes[0] and "calibrate --gpu 0" in notes[0]
