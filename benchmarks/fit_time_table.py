@@ -161,6 +161,15 @@ H200_V5 = TimeFit(
     },
 )  # fmt: skip
 
+def _table_provenance(previous: TimeFit, version: int, commits: str) -> dict[str, Any]:
+    """The previous H200 table's provenance, with this version's time section and the whole runs (of `commits`)
+    whose peaks its memory now covers too."""
+    return {**previous.table_provenance,
+            "time": f"section `time` (v{version}): fitted on the H200 by benchmarks/fit_time_table.py --gpu h200",
+            "memory": previous.table_provenance["memory"] + f"; v{version} adds the {commits} whole runs to the peaks "
+                                                            "covered"}  # fmt: skip
+
+
 EXPORTS_RUNS = RESULTS / "h200" / "h200_full_files_5runs_exports_2026-12-03.json"
 H200_V6 = dataclasses.replace(
     H200_V5, target=TABLES_DIR / "up2you-v6.json", version=6,
@@ -177,11 +186,7 @@ H200_V6 = dataclasses.replace(
                    "and the whole runs on a third (unchanged stages ran 5-15 % apart between leases); the grid's "
                    "2-step points still include the old in-stage writes (a few hundred ms at 2 steps)",
     },
-    table_provenance={
-        **H200_V5.table_provenance,
-        "time": "section `time` (v6): fitted on the H200 by benchmarks/fit_time_table.py --gpu h200",
-        "memory": H200_V5.table_provenance["memory"] + "; v6 adds the 2aeae81 whole runs to the peaks covered",
-    },
+    table_provenance=_table_provenance(H200_V5, 6, "2aeae81"),
 )  # fmt: skip
 
 HANDOVER_RUNS = RESULTS / "h200" / "h200_full_files_5runs_handover_prompts_2026-12-03.json"  # lease D, 16f5f0b
@@ -204,12 +209,7 @@ H200_V7 = dataclasses.replace(
                    "rest on psutil's create_time, ~1 s early there), so every start-up term is one constant per "
                    "stage, at 4 photos and profile real; the hand-off is the median over both invocations",
     },
-    table_provenance={
-        **H200_V6.table_provenance,
-        "time": "section `time` (v7): fitted on the H200 by benchmarks/fit_time_table.py --gpu h200",
-        "memory": H200_V6.table_provenance["memory"] + "; v7 adds the 16f5f0b and 48b2890 whole runs to the peaks "
-                                                       "covered",
-    },
+    table_provenance=_table_provenance(H200_V6, 7, "16f5f0b and 48b2890"),
 )  # fmt: skip
 
 LEAN_RUNS = RESULTS / "h200" / "h200_full_files_5runs_lean_compiler_2026-12-03.json"  # lease F, d76c8b5
@@ -229,12 +229,7 @@ H200_V8 = dataclasses.replace(
                    "at 4 photos, photos with their own alpha, and profile real; the hand-off is the median over all "
                    "four invocations",
     },
-    table_provenance={
-        **H200_V7.table_provenance,
-        "time": "section `time` (v8): fitted on the H200 by benchmarks/fit_time_table.py --gpu h200",
-        "memory": H200_V7.table_provenance["memory"] + "; v8 adds the d76c8b5 and a38ea68 whole runs to the peaks "
-                                                       "covered",
-    },
+    table_provenance=_table_provenance(H200_V7, 8, "d76c8b5 and a38ea68"),
 )  # fmt: skip
 
 FITS = {"h100": H100, "h200-v4": H200, "h200-v5": H200_V5, "h200-v6": H200_V6, "h200-v7": H200_V7,
