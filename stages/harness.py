@@ -68,6 +68,7 @@ from up2you import checkpoints  # noqa: E402
 if TYPE_CHECKING:
     import torch
 
+
 def _torch() -> Any:
     """torch, imported where the harness first needs it. Every stage but one imports it at its own top; segment
     does not when each photo brings its alpha, and its process then starts without torch's 1.4-2.4 s import

@@ -21,7 +21,8 @@ that is not the UNet, VAE or CLIP code but what the libraries import around it:
   stand-in answers those by returning the function unchanged and `is_compiling` with False; asked for
   anything else, it imports the real compiler, leaves `sys.modules` to it and answers from it. So a newer
   library that needs more of the compiler gets it, only later. Together with scipy this took the imports
-  of rgb's `prepare` from 5.9-6.7 s to 2.4-2.7 s on the 2-core machine.
+  of rgb's `prepare` from 5.9-6.0 s (6.6-6.7 s with none of this module) to 2.4-2.7 s on the 2-core machine,
+  and on the lent H200 (2026-12-03, torch 2.11) from 7.2 s to 3.3-4.3 s (libraries and model classes).
 
 The model code that runs is the same either way, so outputs are bit for bit the same. `UP2YOU_LEAN_IMPORTS=0`
 turns this off (benchmarks/import_profile.py measures both).
@@ -34,6 +35,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import threading
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -116,6 +118,9 @@ def _unchanged(fn: Any = None, *args: Any, **kwargs: Any) -> Any:
     return fn
 
 
+_STEP_ASIDE = threading.Lock()
+
+
 class CompilerStandIn(types.ModuleType):
     """torch._dynamo until something needs more of it than the decorators a no-compile process meets."""
 
@@ -135,12 +140,17 @@ class CompilerStandIn(types.ModuleType):
 
     def step_aside(self, reason: str) -> types.ModuleType:
         """Import the real compiler in place of this stand-in (once) and return it, with the standalone
-        submodules loaded under the stand-in as its attributes too."""
-        if sys.modules.get(DYNAMO) is not self:
-            return importlib.import_module(DYNAMO)
-        del sys.modules[DYNAMO]
-        self.needed_for = f"{reason} (from {_caller()})"
+        submodules loaded under the stand-in as its attributes too. BiRefNet's load thread and the sampler
+        may both ask at once: the lock covers only taking the stand-in out (the import machinery's own locks
+        make one thread import the compiler and the other wait for it)."""
+        with _STEP_ASIDE:
+            mine = sys.modules.get(DYNAMO) is self
+            if mine:
+                del sys.modules[DYNAMO]
+                self.needed_for = f"{reason} (from {_caller()})"
         real = importlib.import_module(DYNAMO)
+        if not mine:
+            return real
         for key, value in list(self.__dict__.items()):
             if isinstance(value, types.ModuleType) and value.__name__ == f"{DYNAMO}.{key}":
                 real.__dict__.setdefault(key, value)
