@@ -274,6 +274,19 @@ def test_shipped_v5_is_the_h200s_own_memory_and_times_and_a_fresh_fit() -> None:
             assert predicted <= 1.25 * m.nvml_peak, (m.stage, m.point, predicted, m.nvml_peak)
 
 
+def _startup_s(table, stage: str) -> float:
+    """The table's start-up seconds of `stage` (its start-up terms are constants at the runs' 4 photos)."""
+    return sum(t.coef for t in table.time.stages[stage].terms if t.part == "startup")
+
+
+def _covers_every_length_dependent_peak(script, fit, table, count: int) -> None:
+    """The memory side covers every mesh/video NVML peak of the fit's whole runs (`count` of them)."""
+    runs = script.whole_run_peaks(fit.benchmarks, script.LENGTH_DEPENDENT)
+    assert len(runs) == count
+    for m in runs:
+        assert predict(m.stage, Plan.from_dict(m.plan), m.n_refs, table).total_bytes >= m.nvml_peak * 0.999, m.point
+
+
 def test_shipped_v7_takes_start_ups_from_the_runs_on_one_clock_and_is_the_h200s_table() -> None:
     script = _fit_script()
     v7 = json.loads((TABLES / "up2you-v7.json").read_text())
@@ -285,12 +298,9 @@ def test_shipped_v7_takes_start_ups_from_the_runs_on_one_clock_and_is_the_h200s_
         "benchmarks/results/h200/h200_full_files_5runs_handover_v7interim_2026-12-03.json"]
     # every start-up is the second invocation's spawn -> `ready`: segment's, for one, near its 2.3 s there and far
     # from the 4 s of the grid (no bytecode) or the ~2.8 s that psutil's clock gave in the first invocation
-    segment = sum(t.coef for t in table.time.stages["segment"].terms if t.part == "startup")
+    segment = _startup_s(table, "segment")
     assert 2.0 < segment < 2.6, segment
-    runs = script.whole_run_peaks(script.H200_V7.benchmarks, script.LENGTH_DEPENDENT)
-    assert len(runs) == 50
-    for m in runs:  # the memory side still covers every mesh/video peak of all five invocations
-        assert predict(m.stage, Plan.from_dict(m.plan), m.n_refs, table).total_bytes >= m.nvml_peak * 0.999, m.point
+    _covers_every_length_dependent_peak(script, script.H200_V7, table, 50)  # of all five invocations
 
 
 def test_shipped_v8_takes_start_ups_from_the_torch_free_segment_runs_and_is_the_h200s_table() -> None:
@@ -305,13 +315,9 @@ def test_shipped_v8_takes_start_ups_from_the_torch_free_segment_runs_and_is_the_
         for n in ("handover_prompts", "handover_v7interim", "lean_compiler", "segment_numpy")]
     # start-ups from the a38ea68 runs: segment without torch (0.1-0.2 s of import there) and rgb without the
     # compiler, against v7's 2.0-2.6 s segment (torch imported)
-    startup = {name: sum(t.coef for t in table.time.stages[name].terms if t.part == "startup")
-               for name in ("segment", "rgb")}  # fmt: skip
+    startup = {name: _startup_s(table, name) for name in ("segment", "rgb")}
     assert startup["segment"] < 0.6 and startup["rgb"] < 6.5, startup
-    runs = script.whole_run_peaks(script.H200_V8.benchmarks, script.LENGTH_DEPENDENT)
-    assert len(runs) == 70
-    for m in runs:  # the memory side still covers every mesh/video peak of all seven invocations
-        assert predict(m.stage, Plan.from_dict(m.plan), m.n_refs, table).total_bytes >= m.nvml_peak * 0.999, m.point
+    _covers_every_length_dependent_peak(script, script.H200_V8, table, 70)  # of all seven invocations
 
 
 def test_shipped_v6_keeps_v5s_memory_fit_times_the_runs_with_exports() -> None:
@@ -322,10 +328,7 @@ def test_shipped_v6_keeps_v5s_memory_fit_times_the_runs_with_exports() -> None:
     assert [f for f in files if "5runs" in f] == ["benchmarks/results/h200/h200_full_files_5runs_exports_2026-12-03.json"]
     # the runs with the old in-stage writes still count for memory: every mesh/video peak of all three is covered
     table = load_table(TABLES / "up2you-v6.json")
-    runs = script.whole_run_peaks(script.H200_V6.benchmarks, script.LENGTH_DEPENDENT)
-    assert len(runs) == 30
-    for m in runs:
-        assert predict(m.stage, Plan.from_dict(m.plan), m.n_refs, table).total_bytes >= m.nvml_peak * 0.999, m.point
+    _covers_every_length_dependent_peak(script, script.H200_V6, table, 30)
 
 
 def test_h200_whole_runs_are_predicted_by_a_fit_that_never_saw_them() -> None:
