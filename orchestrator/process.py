@@ -5,8 +5,8 @@ only), prints `ready <t>` on stdout and blocks reading one line from stdin; `go\
 closing stdin dismisses it (exit 0). Once its outputs and manifest are written it prints `done <t>`,
 before its (sometimes slow) exit: the runner may hand the GPU on from there. Each child gets its own
 process group, so a terminal's Ctrl-C reaches only the orchestrator, which forwards it, and a kill of
-the group leaves no orphan. Every child
-runs under `stages.lifeline`, so it also dies when the orchestrator itself is killed (SIGKILL included).
+the group leaves no orphan. Every child runs under `stages.lifeline`, so it also dies when the
+orchestrator itself is killed (SIGKILL included).
 """
 
 from __future__ import annotations

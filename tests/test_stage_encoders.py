@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,7 @@ def test_segment_of_cut_outs_runs_without_torch(tmp_path: Path, weights: Path) -
     (blocker / "torch").mkdir(parents=True)
     (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked in this test')\n")
     job = _job(tmp_path, photos, weights)
-    env = {**__import__("os").environ, "PYTHONPATH": f"{blocker}:{REPO}"}
+    env = {**os.environ, "PYTHONPATH": f"{blocker}:{REPO}"}
     r = subprocess.run([sys.executable, "-m", "stages.segment", str(job.root), "--weights", str(weights),
                         "--profile", "tiny"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == EXIT_OK, r.stderr
