@@ -10,6 +10,10 @@ belongs to someone else. So before anything slow happens (importing torch takes 
    parent died before step 1, the death signal will never come, so it exits at once;
 3. starts a daemon thread that polls ``getppid()`` (the portable fallback where prctl is missing) and
    kills this process's group when the parent is gone;
+4. makes SIGINT raise KeyboardInterrupt again where the parent was started ignoring it (a non-interactive
+   shell's ``&`` and ``nohup`` do that, and the child inherits it). The child leads its own session, so no
+   terminal's Ctrl-C reaches it: SIGINT comes only from its parent, which forwards Ctrl-C and stops stages
+   with it;
 
 then runs the named module as ``__main__``. Torch-free and import-light on purpose. The orchestrator
 side is `command()` and `env()`; a job process started by the fleet uses the same launcher.
@@ -86,6 +90,7 @@ def main() -> None:
         sys.exit("usage: python -m stages.lifeline MODULE [ARGS...]")
     raw = os.environ.get(PARENT_ENV, "")
     guard(int(raw) if raw.isdigit() else None)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     module = sys.argv[1]
     sys.argv = [module, *sys.argv[2:]]
     os.environ[STARTED_ENV] = repr(LAUNCHED_AT)  # for the stage's import time (stages.harness)

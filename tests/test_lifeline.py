@@ -109,6 +109,44 @@ def test_the_lifeline_runs_the_module_with_its_arguments(tmp_path) -> None:
     assert "args ['a', '--b']" in proc.stdout
 
 
+def _sigint_while_ignored_at_start(cmd: list[str], env: dict[str, str], ready: Path) -> subprocess.Popen[str]:
+    """Start `cmd` with SIGINT ignored, as a parent started with `&` or nohup passes it on; SIGINT it once ready."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    _wait_for(ready.exists, timeout=30)
+    proc.send_signal(signal.SIGINT)
+    return proc
+
+
+def test_sigint_from_the_parent_stops_the_child_even_when_the_parent_ignores_it(tmp_path) -> None:
+    """The runner's forwarded Ctrl-C is its only gentle way to stop a stage: it must raise KeyboardInterrupt in
+    the child even where the child inherited SIGINT ignored."""
+    ready = tmp_path / "ready"
+    waiter = tmp_path / "waiter.py"
+    waiter.write_text(
+        "import time\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "try:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n    print('interrupted'); raise SystemExit(130)\n"
+    )  # fmt: skip
+    env = lifeline.env({**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    plain = _sigint_while_ignored_at_start([sys.executable, str(waiter)], env, ready)
+    try:  # the set-up holds: without the launcher, the signal is ignored
+        with pytest.raises(subprocess.TimeoutExpired):
+            plain.wait(timeout=1.0)
+    finally:
+        plain.kill()
+        plain.communicate()
+    ready.unlink()
+    launched = _sigint_while_ignored_at_start(lifeline.command("waiter"), env, ready)
+    try:
+        stdout, _ = launched.communicate(timeout=10)
+    finally:
+        if launched.poll() is None:
+            launched.kill()
+    assert launched.returncode == 130
+    assert "interrupted" in stdout
+
+
 def test_a_parent_that_dies_later_is_noticed(tmp_path) -> None:
     """A middle process starts a lifeline child, then is SIGKILLed: the child must follow within a second."""
     child_pid = tmp_path / "child.pid"

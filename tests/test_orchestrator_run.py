@@ -41,6 +41,18 @@ def _our_processes(marker: str) -> list[psutil.Process]:
     return out
 
 
+def _communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """`proc.communicate`; past the timeout, fail with the stacks of every thread of the driver (SIGUSR1)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the orchestrator did not exit within {timeout} s; its threads and stderr:\n{stderr}")
+
+
 def _wait_for(predicate, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -166,7 +178,7 @@ def test_ctrl_c_to_the_orchestrator_leaves_no_child(photos, tmp_path) -> None:
         time.sleep(0.5)
         assert _our_processes(str(out)), "the stage processes should be running"
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
+        stdout, stderr = _communicate(proc, timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
