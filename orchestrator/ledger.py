@@ -28,7 +28,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -300,6 +300,16 @@ class Ledger:
         with self._locked(r.gpu_uuid) as state:
             state["entries"] = [e for e in state["entries"]
                                 if not (e["pid"] == r.pid and e["created"] == r.created and e["stage"] == r.stage)]  # fmt: skip
+
+    def shrink(self, r: Reservation, nbytes: int) -> Reservation:
+        """Lower a claim to `nbytes` (never raise it): for a process whose work is done and that only gives
+        memory back from here on. The same claim (release finds it); a claim already gone stays gone."""
+        smaller = replace(r, nbytes=min(r.nbytes, max(0, int(nbytes))))
+        with self._locked(r.gpu_uuid) as state:
+            for e in state["entries"]:
+                if e["pid"] == r.pid and e["created"] == r.created and e["stage"] == r.stage:
+                    e["nbytes"] = smaller.nbytes
+        return smaller
 
     # --- waiting -----------------------------------------------------------------------------
     def take_ticket(self, gpu: GpuInfo, job_id: str, stage: str, nbytes: int, pid: int | None = None) -> Ticket:

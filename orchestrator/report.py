@@ -90,7 +90,7 @@ def plot_timeline(path: Path, attempts: Sequence[Attempt], budget_bytes: int, ca
     ax.set_ylabel("GiB " + ("(NVML, per process)" if on_gpu else "(host RSS: CPU run)"))
     ax.set_title("memory per stage (dotted: predicted)")
     ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.11, top=0.93)  # fixed: tight_layout took half the plot's time
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

@@ -586,18 +586,35 @@ class Runner:
         fit = self._fit(nxt.name)
         r: Reservation | None = None
         if self.admitter is not None and fit is not None and not self._on_cpu(nxt):
-            cap = self._admission_cap()
-            if cap is not None and own is not None:
-                cap -= own.nbytes
             try:
+                own = self._shrink_to_what_it_holds(proc, own)
+                cap = self._admission_cap()
+                if cap is not None and own is not None:
+                    cap -= own.nbytes
                 r = self.admitter.try_admit(nxt.name, waiting.pid, [fit.need_bytes], cap)
             except LedgerError:
                 return False
             if r is None:
+                self.reservation = own  # smaller or not, it is the same claim: released at the exit
                 return False
         self.draining.append((proc, own))
         self.reservation = r
         return True
+
+    def _shrink_to_what_it_holds(self, proc: StageProcess, own: Reservation | None) -> Reservation | None:
+        """At `done` a stage has emptied torch's cache and allocates nothing more: what NVML lists for it now
+        (its CUDA context, and what a library holds outside torch) is all it can still hold until its exit.
+        Its claim comes down to that, so the next stage may be admitted beside it under a tight --vram.
+        Unchanged where NVML cannot say what the process holds."""
+        if own is None or self.ctx.ledger is None or self.ctx.gpu is None or self.ctx.probe is None:
+            return own
+        try:
+            held = self.ctx.probe.process_bytes(self.ctx.gpu.index, set(proc.pids()))
+        except Exception:  # NVML hiccup: keep the whole claim until the exit, as without a reading
+            return own
+        if held is None or held >= own.nbytes:
+            return own
+        return self.ctx.ledger.shrink(own, held)
 
     def _reap_draining(self, wait: bool = False) -> None:
         """Collect the draining processes that have exited (all of them with `wait`) and end their reservations."""

@@ -355,6 +355,16 @@ def _linger(name: str, attempt: int) -> None:
             time.sleep(float(parts[3]) if len(parts) > 3 else 1.0)
 
 
+def _give_back_cached_memory() -> None:
+    """Before `done`: torch's cached blocks go back to the driver, so that NVML lists only what this process
+    cannot give back before its exit (the CUDA context, a library's own buffers). The runner counts that, not
+    the whole reservation, when it asks whether the next stage fits beside this one. Never fails the stage."""
+    torch = _torch_if_imported()
+    if torch is not None and torch.cuda.is_initialized():
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
+
+
 def _start_cuda_driver(lazy_device: bool) -> None:
     """Start the CUDA driver while the process waits for `go`: torch's device count (0.18-0.19 s on the lent H200,
     `benchmarks/cuda_init_cost.py`) makes no context and takes no GPU memory, so only the context (0.13-0.16 s) is
@@ -516,6 +526,7 @@ def stage_main(
                     "missing": [list(m) for m in getattr(exc, "items", [])], **_peaks(ctx),
                 })
     if code == EXIT_OK:  # the work is all on disk: the runner may hand the GPU on while this process tears down
+        _give_back_cached_memory()
         with contextlib.suppress(OSError, KeyboardInterrupt):  # a parent gone or stopping: the exit is the same
             print(f"done {time.time() - T0:.3f}", flush=True)
             _linger(name, ctx.attempt)

@@ -133,6 +133,22 @@ def test_reserve_takes_the_first_size_that_fits_and_respects_cap_and_reserve(tmp
     assert [e.job_id for e in led.entries("GPU-test")] == ["b"]
 
 
+def test_a_claim_shrinks_to_what_its_finished_process_holds_and_is_still_released(tmp_path: Path) -> None:
+    probe = _gpu(12 * GiB)
+    led = Ledger(tmp_path, probe)
+    gpu = probe.gpus()[0]
+    r = led.reserve(gpu, "a", "rgb", os.getpid(), 9 * GiB)
+    assert r is not None and led.reserve(gpu, "a", "normal", os.getpid(), 4 * GiB) is None  # 3 GiB left
+    small = led.shrink(r, GiB)  # rgb is done: its context is all it still holds
+    assert small.nbytes == GiB and [e.nbytes for e in led.entries("GPU-test")] == [GiB]
+    assert led.shrink(small, 5 * GiB).nbytes == GiB  # never raised
+    nxt = led.reserve(gpu, "a", "normal", os.getpid(), 4 * GiB)
+    assert nxt is not None
+    led.release(small)  # found as the same claim
+    assert [e.stage for e in led.entries("GPU-test")] == ["normal"]
+    assert led.shrink(small, 0).nbytes == 0 and [e.stage for e in led.entries("GPU-test")] == ["normal"]  # gone stays gone
+
+
 # --- waiting: first come, first served ----------------------------------------------------------
 def test_waiters_are_served_in_ticket_order_and_a_large_one_does_not_starve(tmp_path: Path) -> None:
     probe = _gpu(24 * GiB)

@@ -10,6 +10,7 @@ import pytest
 from orchestrator import prestart
 from orchestrator.job import RunOptions, run_job
 from orchestrator.prestart import HOST_RESERVE, host_footprint, pending_growth, pick_prestarts
+from orchestrator.probe import SimulatedGpu, SimulatedProbe
 from stages.jobfs import JobDir
 from stages.spec import UP2YOU
 from tests.fakestages import FAKE
@@ -121,6 +122,31 @@ def test_without_room_for_both_the_next_stage_waits_for_the_exit_and_keeps_its_p
     # (its memory is back), and must not take a smaller rung for want of what prep still holds
     _, gap = _run_with_prep_lingering(photos, tmp_path / "out", "3GB", gpu24, fake_table, monkeypatch)
     assert gap >= 2.5
+
+
+class _ListsOurProcesses(SimulatedProbe):
+    """A simulated 24 GiB card on which NVML lists each of our stage processes as holding `held` bytes:
+    at `done` that is what a finished stage still holds until its exit (its context)."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__(SimulatedGpu(24 * GiB, name="Simulated 24G"))
+        self.held = held
+
+    def process_bytes(self, index: int, pids) -> int | None:
+        return self.held if pids else None
+
+
+@pytest.mark.parametrize(("held_gib", "starts_at_done"), [(0.5, True), (1.5, False)])
+def test_under_a_tight_cap_the_next_stage_starts_beside_what_the_finished_one_still_holds(
+    photos: Path, tmp_path: Path, fake_table, monkeypatch: pytest.MonkeyPatch, held_gib: float, starts_at_done: bool,
+) -> None:  # fmt: skip
+    # --vram 3GB: prep's claim (1.9 GiB) and views' need (1.7 GiB) do not fit together. At prep's `done` NVML
+    # lists 0.5 GiB for it: views fits beside (2.2 GiB) and starts while prep is still exiting. With 1.5 GiB
+    # listed (3.2 GiB together) it does not: it waits for the exit, as before
+    probe = _ListsOurProcesses(int(held_gib * GiB))
+    report, gap = _run_with_prep_lingering(photos, tmp_path / "out", "3GB", probe, fake_table, monkeypatch)
+    assert (gap < 2.0) is starts_at_done, gap
+    assert report.ok
 
 
 def test_a_waiting_stage_starts_the_cuda_driver_but_makes_no_context(monkeypatch) -> None:
