@@ -111,6 +111,7 @@ def summarise(name: str, report: Any, wall: float, table: BudgetTable) -> dict[s
         row: dict[str, Any] = {
             "outcome": a.outcome, "attempt": a.attempt, "plan": a.plan_label,
             "predicted_bytes": a.predicted_bytes, "measured_nvml_bytes": a.measured_gpu_bytes,
+            "held_at_done_bytes": a.held_at_done_bytes,
             "error_pct": _err(a.predicted_bytes, a.measured_gpu_bytes),
             "predicted_uncorrected_bytes": predict(a.stage, plan, report.n_photos, table).total_bytes,
             "torch_peak_allocated": m.get("torch_peak_allocated"), "torch_peak_reserved": m.get("torch_peak_reserved"),

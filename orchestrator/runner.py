@@ -94,6 +94,7 @@ class Attempt:
     message: str = ""
     reserved_bytes: int | None = None  # what the ledger reserved for it (its allocator cap + context)
     cpu_fallback: str = ""  # why this attempt ran on the CPU although the job plans for a GPU ("" = it did not)
+    held_at_done_bytes: int | None = None  # what NVML listed for it at `done` (its claim came down to that)
     samples: list[Sample] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -221,6 +222,7 @@ class Runner:
         self.overlap_saved = 0.0
         self.reservation: Reservation | None = None
         self.reclaimed: tuple[StageProcess, Reservation] | None = None  # a GPU process admitted to replace a CPU one
+        self.held_at_done: int | None = None  # the running stage's NVML bytes at `done`, once read
         self.admission_degrades = 0
         self.exports = Exports(ctx.job, self.env, self.t0)
         self.cpu_stage: tuple[str, str] | None = None  # (stage, why): its next attempt runs on the CPU
@@ -509,6 +511,7 @@ class Runner:
         # on the CPU: the same plan on another device (the device is in no key: nothing is recomputed)
         plan = self.choice.plan.replace(device="cpu") if cpu_why else self.choice.plan
         self.running = proc
+        self.held_at_done = None
         self.tries[spec.name] += 1
         reserved = self.reservation.nbytes if self.reservation is not None else None
         cap = (reserved or self.budget) - self.ctx.table.context_bytes if plan.on_gpu else None
@@ -566,7 +569,7 @@ class Runner:
             message=("the GPU had room again: stopped here and run there" if handed_back
                      else _message(code, error, self.ctx.job.path(spec.name, "log.txt"))),
             reserved_bytes=reserved,
-            cpu_fallback=cpu_why, samples=sampler.samples,
+            cpu_fallback=cpu_why, samples=sampler.samples, held_at_done_bytes=self.held_at_done,
         )  # fmt: skip
         self.attempts.append(attempt)
         self.ctx.on_event("end", attempt)
@@ -614,6 +617,7 @@ class Runner:
             return own
         if held is None or held >= own.nbytes:
             return own
+        self.held_at_done = held
         return self.ctx.ledger.shrink(own, held)
 
     def _reap_draining(self, wait: bool = False) -> None:

@@ -356,7 +356,7 @@ def _linger(name: str, attempt: int) -> None:
 
 
 def _give_back_cached_memory() -> None:
-    """Before `done`: torch's cached blocks go back to the driver, so that NVML lists only what this process
+    """Before the manifest and `done`: torch's cached blocks go back to the driver, so that NVML lists only what this process
     cannot give back before its exit (the CUDA context, a library's own buffers). The runner counts that, not
     the whole reservation, when it asks whether the next stage fits beside this one. Never fails the stage."""
     torch = _torch_if_imported()
@@ -486,6 +486,9 @@ def stage_main(
         _fault_point(name, "manifest", ctx.attempt)
         ctx.timings["run_s"] = time.time() - t
         ctx.timings["import_s"] = t_import
+        t = time.time()
+        _give_back_cached_memory()
+        ctx.timings["give_back_s"] = time.time() - t
         manifest = {
             "stage": name,
             "key": ctx.request.get("key", ""),
@@ -526,7 +529,6 @@ def stage_main(
                     "missing": [list(m) for m in getattr(exc, "items", [])], **_peaks(ctx),
                 })
     if code == EXIT_OK:  # the work is all on disk: the runner may hand the GPU on while this process tears down
-        _give_back_cached_memory()
         with contextlib.suppress(OSError, KeyboardInterrupt):  # a parent gone or stopping: the exit is the same
             print(f"done {time.time() - T0:.3f}", flush=True)
             _linger(name, ctx.attempt)
