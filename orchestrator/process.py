@@ -76,6 +76,14 @@ class StageProcess:
         self._eof.set()
         self._done_or_eof.set()
 
+    def warm(self, device: str) -> None:
+        """Let a waiting child make its CUDA context on `device` now (the runner has claimed the context's
+        memory for it); it goes on waiting for `go`."""
+        assert self.popen.stdin is not None
+        with contextlib.suppress(BrokenPipeError, OSError):  # it died while waiting: wait() reports how
+            self.popen.stdin.write(f"warm {device}\n")
+            self.popen.stdin.flush()
+
     def go(self) -> None:
         """Let the child run (it reads the request file, which must already be written)."""
         assert self.popen.stdin is not None

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator import prestart
 from orchestrator.job import RunOptions, run_job
+from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.prestart import HOST_RESERVE, host_footprint, pending_growth, pick_prestarts
 from orchestrator.probe import SimulatedGpu, SimulatedProbe
 from stages.jobfs import JobDir
@@ -147,6 +151,56 @@ def test_under_a_tight_cap_the_next_stage_starts_beside_what_the_finished_one_st
     report, gap = _run_with_prep_lingering(photos, tmp_path / "out", "3GB", probe, fake_table, monkeypatch)
     assert (gap < 2.0) is starts_at_done, gap
     assert report.ok
+
+
+def test_while_a_stage_runs_the_next_one_is_warmed_under_a_context_claim_within_the_cap(
+    photos: Path, tmp_path: Path, gpu24, fake_table, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # --vram 3GB: views (1.69 GiB) leaves room for rgb's context (0.6 GiB) beside it; rgb (2.63 GiB) leaves none
+    # for mesh's. The ledger, read while the job runs, shows that, and the claims never exceed the cap
+    monkeypatch.setenv("UP2YOU_FAULTS", "views:sleep:1:2,rgb:sleep:1:2")
+    snapshots: list[list[tuple[str, int]]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        led = Ledger(tmp_path / "runtime", gpu24)
+        while not stop.is_set():
+            with contextlib.suppress(LedgerError):
+                snapshots.append(sorted((e.stage, e.nbytes) for e in led.entries("GPU-sim-0")))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        report = run_job(photos, tmp_path / "out", RunOptions(vram="3GB", device="cpu"), probe=gpu24, pipeline=FAKE,
+                         table=fake_table)  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join()
+    assert report.ok, report.message
+    ctx_bytes = fake_table.context_bytes
+    claims = {name: next(a.reserved_bytes for a in report.pipeline_result.attempts if a.stage == name)
+              for name in ("views", "rgb")}  # fmt: skip
+    assert [("rgb", ctx_bytes), ("views", claims["views"])] in snapshots  # rgb warmed while views ran
+    assert not any(("rgb", claims["rgb"]) in snap and ("mesh", ctx_bytes) in snap for snap in snapshots)
+    assert all(sum(n for _, n in snap) <= 3 * GiB for snap in snapshots)
+    assert snapshots[-1] == []  # every claim, the warm ones too, ended with the job
+    assert "warm_s" in JobDir(tmp_path / "out" / "job").read_manifest("rgb")["timings"]
+    assert "warm_s" not in JobDir(tmp_path / "out" / "job").read_manifest("mesh")["timings"]
+
+
+def test_a_warmed_stage_whose_prepare_failed_still_says_why_at_its_turn(
+    photos: Path, tmp_path: Path, gpu24, fake_table, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # mesh fails while pre-starting (the disk is full) and is warmed while rgb runs: it must wait past `warm`
+    # for `go` and report the failure then, not exit as if dismissed
+    monkeypatch.setenv("UP2YOU_FAULTS", "rgb:sleep:1:2,mesh:enospc:1:prepare")
+    report = run_job(photos, tmp_path / "out", RunOptions(vram="auto", device="cpu"), probe=gpu24, pipeline=FAKE,
+                     table=fake_table)  # fmt: skip
+    assert not report.ok
+    mesh = [a for a in report.pipeline_result.attempts if a.stage == "mesh"]
+    assert mesh and mesh[0].exit_code == 74, [(a.stage, a.outcome, a.message) for a in report.pipeline_result.attempts]
+    assert "No space left" in mesh[0].message
 
 
 def test_a_waiting_stage_starts_the_cuda_driver_but_makes_no_context(monkeypatch) -> None:
