@@ -298,10 +298,15 @@ def run_job(
     t0 = time.monotonic()
     console = console or Console(stderr=True, quiet=options.quiet)
     printer = ProgressPrinter(console, options.quiet)
+    out = Path(out_dir) if out_dir else default_out_dir(Path(input_dir))
+    if not options.plan_only:
+        try:  # before planning, which may wait for GPU memory that the run holding this folder has
+            OutputLock(out).refuse_if_held()
+        except OutputLocked as exc:
+            raise JobError(str(exc), exc.exit_code) from None
     probe = probe or _default_probe(options.device)
     jp = plan_job(input_dir, options, probe, pipeline, table, on_event=printer)
     inputs, budget, choice = jp.inputs, jp.budget, jp.choice
-    out = Path(out_dir) if out_dir else default_out_dir(Path(input_dir))
     if out.resolve() == Path(input_dir).resolve():
         raise JobError(f"--out {shown(out)} is the photo folder itself: the next run would read the outputs as "
                        "photos; pass another folder (the default is <photos>_up2you/)", EXIT_USAGE)  # fmt: skip

@@ -46,6 +46,18 @@ class OutputLock:
         tmp.write_text(json.dumps(owner))
         os.replace(tmp, self.out / OWNER_NAME)
 
+    def refuse_if_held(self) -> None:
+        """Raise OutputLocked now if a live run holds the folder, creating nothing: a second run on the same
+        folder is refused before it waits for GPU memory, which the first run may be the one holding."""
+        if not (self.out / LOCK_NAME).exists():
+            return
+        probe = FileLock(str(self.out / LOCK_NAME), timeout=0, thread_local=False)
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            raise OutputLocked(self._refusal()) from None
+        probe.release()
+
     def release(self) -> None:
         if self._lock.is_locked:
             (self.out / OWNER_NAME).unlink(missing_ok=True)

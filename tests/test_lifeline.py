@@ -13,12 +13,14 @@ import psutil
 import pytest
 
 from orchestrator.job import JobError, RunOptions, run_job
+from orchestrator.ledger import Ledger
 from orchestrator.outlock import EXIT_LOCKED, OutputLock
 from stages import lifeline
 from stages.jobfs import JobDir
 from tests.fakestages import FAKE
 
 ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
 
 
 def _children_of_job(out: Path) -> list[psutil.Process]:
@@ -183,6 +185,22 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(photos, tm
         assert not (out / "job").exists()  # the refused run wrote nothing
     report = run_job(photos, out, opts, probe=gpu24, pipeline=FAKE, table=fake_table)  # free again
     assert report.ok, report.message
+
+
+def test_a_second_run_is_refused_before_it_would_wait_for_gpu_memory(photos, tmp_path, gpu24, fake_table) -> None:
+    # the run holding the folder may be the one holding the GPU (its reservation in the ledger): the second run
+    # must not queue behind it for memory (here up to 120 s) but be refused at once, naming the holder
+    Ledger(probe=gpu24).reserve(gpu24.gpus()[0], "the-first-run", "rgb", os.getpid(), 22 * GiB)
+    out = tmp_path / "out"
+    opts = RunOptions(vram="12GB", device="cpu", wait_for_siblings_s=120.0)
+    with OutputLock(out):
+        t0 = time.monotonic()
+        with pytest.raises(JobError) as info:
+            run_job(photos, out, opts, probe=gpu24, pipeline=FAKE, table=fake_table)
+        assert info.value.exit_code == EXIT_LOCKED, str(info.value)
+        assert f"pid {os.getpid()}" in str(info.value)
+        assert time.monotonic() - t0 < 60  # it did not wait out the 120 s
+    assert not (out / "job").exists()
 
 
 def test_two_processes_at_once_one_is_refused(photos, tmp_path) -> None:
