@@ -392,8 +392,11 @@ class Runner:
         if self.reservation is not None and self.reservation.pid == proc.pid:
             return None  # admitted already (handed back to the GPU from the CPU)
         rungs, sizes = self._rung_sizes(spec)
+        cap = self._admission_cap()
+        if cap is not None and self.draining and sizes[0] > cap - self._draining_bytes():
+            self._reap_draining(wait=True)  # stages still exiting give back within moments: wait, never degrade for it
         try:
-            r = self.admitter.admit(spec.name, proc.pid, sizes, self._admission_cap())
+            r = self.admitter.admit(spec.name, proc.pid, sizes, None if cap is None else cap - self._draining_bytes())
         except StageGone:
             return None  # it died while starting: `go` finds it gone and its exit code says why
         if r is not None:
@@ -600,8 +603,8 @@ class Runner:
             try:
                 own = self._shrink_to_what_it_holds(proc, own)
                 cap = self._admission_cap()
-                if cap is not None and own is not None:
-                    cap -= own.nbytes
+                if cap is not None:
+                    cap -= (own.nbytes if own is not None else 0) + self._draining_bytes()
                 r = self.admitter.try_admit(nxt.name, waiting.pid, [fit.need_bytes], cap)
             except LedgerError:
                 return False
@@ -627,8 +630,8 @@ class Runner:
         if fit is None:
             return
         cap = self._admission_cap()
-        if cap is not None and self.reservation is not None:
-            cap -= self.reservation.nbytes
+        if cap is not None:
+            cap -= (self.reservation.nbytes if self.reservation is not None else 0) + self._draining_bytes()
         try:
             r = self.admitter.try_admit(nxt.name, waiting.pid, [self.ctx.table.context_bytes], cap)
         except (LedgerError, StageGone):
@@ -636,6 +639,10 @@ class Runner:
         if r is not None:
             self.warm = (waiting, r)
             waiting.warm(self.choice.plan.device)
+
+    def _draining_bytes(self) -> int:
+        """What the stages still exiting hold in the ledger: within --vram beside anything admitted now."""
+        return sum(r.nbytes for _, r in self.draining if r is not None)
 
     def _dismiss_warm(self) -> None:
         """After a failed attempt: the retry (or a smaller plan) is admitted within --vram with nothing of ours
@@ -658,8 +665,8 @@ class Runner:
                 self.ctx.ledger.release(r)
 
     def _shrink_to_what_it_holds(self, proc: StageProcess, own: Reservation | None) -> Reservation | None:
-        """At `done` a stage has emptied torch's cache and allocates nothing more: what NVML lists for it now
-        (its CUDA context, and what a library holds outside torch) is all it can still hold until its exit.
+        """At `done` a stage has given back torch's cache and cuBLAS's workspaces and allocates nothing more: what
+        NVML lists for it now (its CUDA context, and what a library holds outside torch) is all it can still hold.
         Its claim comes down to that, so the next stage may be admitted beside it under a tight --vram.
         Unchanged where NVML cannot say what the process holds."""
         if own is None or self.ctx.ledger is None or self.ctx.gpu is None or self.ctx.probe is None:
@@ -670,7 +677,8 @@ class Runner:
             return own
         if held is None or held >= own.nbytes:
             return own
-        self.held_at_done = held
+        if self.held_at_done is None:  # asked again while it exits, it may hold less: the claim follows
+            self.held_at_done = held
         return self.ctx.ledger.shrink(own, held)
 
     def _reap_draining(self, wait: bool = False) -> None:

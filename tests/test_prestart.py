@@ -225,3 +225,39 @@ def test_a_waiting_stage_starts_the_cuda_driver_but_makes_no_context(monkeypatch
     monkeypatch.setattr(harness, "_torch_if_imported", lambda: None)
     harness._start_cuda_driver(True)  # one that has not (cut-outs only): no torch import, no driver
     assert calls == [1, 1]
+
+
+def test_a_stage_still_exiting_counts_within_the_cap_until_it_has_exited(
+    photos: Path, tmp_path: Path, fake_table, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # --vram 3GB, NVML lists 0.5 GiB for each finished process. prep lingers 4 s after `done`: views (1.7 GiB)
+    # starts beside it, finishes at once, and rgb (2.63 GiB) fits only once prep has exited. Every claim of the
+    # job, read from the ledger while it runs, stays within the cap; rgb keeps its plan (it waits, never degrades)
+    monkeypatch.setenv("UP2YOU_FAULTS", "prep:linger:1:4")
+    probe = _ListsOurProcesses(int(0.5 * GiB))
+    snapshots: list[list[tuple[str, int]]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        led = Ledger(tmp_path / "runtime", probe)
+        while not stop.is_set():
+            with contextlib.suppress(LedgerError):
+                snapshots.append(sorted((e.stage, e.nbytes) for e in led.entries("GPU-sim-0")))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        report = run_job(photos, tmp_path / "out", RunOptions(vram="3GB", device="cpu"), probe=probe, pipeline=FAKE,
+                         table=fake_table)  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join()
+    assert report.ok, report.message
+    assert report.pipeline_result is not None and not report.pipeline_result.replans
+    assert any({s for s, _ in snap} >= {"prep", "views"} for snap in snapshots)  # views started beside prep
+    over = [snap for snap in snapshots if sum(n for _, n in snap) > 3 * GiB]
+    assert not over, over[:3]
+    job = JobDir(tmp_path / "out" / "job")
+    prep_done = job.read_manifest("prep")["extras"]["run_window"][1]
+    assert job.read_manifest("rgb")["extras"]["run_window"][0] - prep_done >= 3.5  # rgb waited for prep's exit
