@@ -153,30 +153,36 @@ def test_under_a_tight_cap_the_next_stage_starts_beside_what_the_finished_one_st
     assert report.ok
 
 
+def _run_watching_claims(photos: Path, tmp_path: Path, probe, fake_table, vram: str):
+    """Run a fake job while a thread reads the ledger every 20 ms: (report, the job's claims at each reading)."""
+    snapshots: list[list[tuple[str, int]]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        led = Ledger(tmp_path / "runtime", probe)
+        while not stop.is_set():
+            with contextlib.suppress(LedgerError):
+                snapshots.append(sorted((e.stage, e.nbytes) for e in led.entries("GPU-sim-0")))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        report = run_job(photos, tmp_path / "out", RunOptions(vram=vram, device="cpu"), probe=probe, pipeline=FAKE,
+                         table=fake_table)  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join()
+    return report, snapshots
+
+
 def test_while_a_stage_runs_the_next_one_is_warmed_under_a_context_claim_within_the_cap(
     photos: Path, tmp_path: Path, gpu24, fake_table, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     # --vram 3GB: views (1.69 GiB) leaves room for rgb's context (0.6 GiB) beside it; rgb (2.63 GiB) leaves none
     # for mesh's. The ledger, read while the job runs, shows that, and the claims never exceed the cap
     monkeypatch.setenv("UP2YOU_FAULTS", "views:sleep:1:2,rgb:sleep:1:2")
-    snapshots: list[list[tuple[str, int]]] = []
-    stop = threading.Event()
-
-    def watch() -> None:
-        led = Ledger(tmp_path / "runtime", gpu24)
-        while not stop.is_set():
-            with contextlib.suppress(LedgerError):
-                snapshots.append(sorted((e.stage, e.nbytes) for e in led.entries("GPU-sim-0")))
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        report = run_job(photos, tmp_path / "out", RunOptions(vram="3GB", device="cpu"), probe=gpu24, pipeline=FAKE,
-                         table=fake_table)  # fmt: skip
-    finally:
-        stop.set()
-        watcher.join()
+    report, snapshots = _run_watching_claims(photos, tmp_path, gpu24, fake_table, "3GB")
     assert report.ok, report.message
     ctx_bytes = fake_table.context_bytes
     claims = {name: next(a.reserved_bytes for a in report.pipeline_result.attempts if a.stage == name)
@@ -234,25 +240,7 @@ def test_a_stage_still_exiting_counts_within_the_cap_until_it_has_exited(
     # starts beside it, finishes at once, and rgb (2.63 GiB) fits only once prep has exited. Every claim of the
     # job, read from the ledger while it runs, stays within the cap; rgb keeps its plan (it waits, never degrades)
     monkeypatch.setenv("UP2YOU_FAULTS", "prep:linger:1:4")
-    probe = _ListsOurProcesses(int(0.5 * GiB))
-    snapshots: list[list[tuple[str, int]]] = []
-    stop = threading.Event()
-
-    def watch() -> None:
-        led = Ledger(tmp_path / "runtime", probe)
-        while not stop.is_set():
-            with contextlib.suppress(LedgerError):
-                snapshots.append(sorted((e.stage, e.nbytes) for e in led.entries("GPU-sim-0")))
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        report = run_job(photos, tmp_path / "out", RunOptions(vram="3GB", device="cpu"), probe=probe, pipeline=FAKE,
-                         table=fake_table)  # fmt: skip
-    finally:
-        stop.set()
-        watcher.join()
+    report, snapshots = _run_watching_claims(photos, tmp_path, _ListsOurProcesses(int(0.5 * GiB)), fake_table, "3GB")
     assert report.ok, report.message
     assert report.pipeline_result is not None and not report.pipeline_result.replans
     assert any({s for s, _ in snap} >= {"prep", "views"} for snap in snapshots)  # views started beside prep
