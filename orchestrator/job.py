@@ -299,11 +299,9 @@ def run_job(
     console = console or Console(stderr=True, quiet=options.quiet)
     printer = ProgressPrinter(console, options.quiet)
     out = Path(out_dir) if out_dir else default_out_dir(Path(input_dir))
-    if not options.plan_only:
-        try:  # before planning, which may wait for GPU memory that the run holding this folder has
-            OutputLock(out).refuse_if_held()
-        except OutputLocked as exc:
-            raise JobError(str(exc), exc.exit_code) from None
+    lock = OutputLock(out)
+    if not options.plan_only:  # before planning, which may wait for GPU memory that the run holding `out` has
+        _refused_if_locked(lock.refuse_if_held)
     probe = probe or _default_probe(options.device)
     jp = plan_job(input_dir, options, probe, pipeline, table, on_event=printer)
     inputs, budget, choice = jp.inputs, jp.budget, jp.choice
@@ -325,15 +323,19 @@ def run_job(
     report.weights = _preflight(pipeline, choice, options, out)
     if options.tiny:
         ensure_tiny_weights(Path(choice.plan.weights_dir), console)
-    lock = OutputLock(out)
-    try:
-        lock.acquire()
-    except OutputLocked as exc:
-        raise JobError(str(exc), exc.exit_code) from None
+    _refused_if_locked(lock.acquire)
     try:
         return _run_locked(report, jp, job, out, options, probe, pipeline, printer, t0)
     finally:
         lock.release()
+
+
+def _refused_if_locked(take: Callable[[], None]) -> None:
+    """Take (or check) the output folder's lock; another live run holding it is a JobError naming its pid."""
+    try:
+        take()
+    except OutputLocked as exc:
+        raise JobError(str(exc), exc.exit_code) from None
 
 
 def _run_locked(

@@ -51,12 +51,11 @@ class OutputLock:
         folder is refused before it waits for GPU memory, which the first run may be the one holding."""
         if not (self.out / LOCK_NAME).exists():
             return
-        probe = FileLock(str(self.out / LOCK_NAME), timeout=0, thread_local=False)
         try:
-            probe.acquire(timeout=0)
+            self._lock.acquire(timeout=0)
         except Timeout:
             raise OutputLocked(self._refusal()) from None
-        probe.release()
+        self._lock.release()
 
     def release(self) -> None:
         if self._lock.is_locked:

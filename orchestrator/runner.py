@@ -392,11 +392,12 @@ class Runner:
         if self.reservation is not None and self.reservation.pid == proc.pid:
             return None  # admitted already (handed back to the GPU from the CPU)
         rungs, sizes = self._rung_sizes(spec)
-        cap = self._admission_cap()
-        if cap is not None and self.draining and sizes[0] > cap - self._draining_bytes():
+        cap = self._cap_beside(None)
+        if cap is not None and self.draining and sizes[0] > cap:
             self._reap_draining(wait=True)  # stages still exiting give back within moments: wait, never degrade for it
+            cap = self._cap_beside(None)
         try:
-            r = self.admitter.admit(spec.name, proc.pid, sizes, None if cap is None else cap - self._draining_bytes())
+            r = self.admitter.admit(spec.name, proc.pid, sizes, cap)
         except StageGone:
             return None  # it died while starting: `go` finds it gone and its exit code says why
         if r is not None:
@@ -602,10 +603,7 @@ class Runner:
         if self.admitter is not None and fit is not None and not self._on_cpu(nxt):
             try:
                 own = self._shrink_to_what_it_holds(proc, own)
-                cap = self._admission_cap()
-                if cap is not None:
-                    cap -= (own.nbytes if own is not None else 0) + self._draining_bytes()
-                r = self.admitter.try_admit(nxt.name, waiting.pid, [fit.need_bytes], cap)
+                r = self.admitter.try_admit(nxt.name, waiting.pid, [fit.need_bytes], self._cap_beside(own))
             except LedgerError:
                 return False
             if r is None:
@@ -629,20 +627,22 @@ class Runner:
         fit = self._fit(nxt.name)
         if fit is None:
             return
-        cap = self._admission_cap()
-        if cap is not None:
-            cap -= (self.reservation.nbytes if self.reservation is not None else 0) + self._draining_bytes()
         try:
-            r = self.admitter.try_admit(nxt.name, waiting.pid, [self.ctx.table.context_bytes], cap)
+            r = self.admitter.try_admit(nxt.name, waiting.pid, [self.ctx.table.context_bytes],
+                                        self._cap_beside(self.reservation))  # fmt: skip
         except (LedgerError, StageGone):
             return
         if r is not None:
             self.warm = (waiting, r)
             waiting.warm(self.choice.plan.device)
 
-    def _draining_bytes(self) -> int:
-        """What the stages still exiting hold in the ledger: within --vram beside anything admitted now."""
-        return sum(r.nbytes for _, r in self.draining if r is not None)
+    def _cap_beside(self, held: Reservation | None) -> int | None:
+        """What --vram leaves for one more claim of this job beside `held` and the stages still exiting (their
+        claims last until their exit); None without a cap."""
+        cap = self._admission_cap()
+        if cap is None:
+            return None
+        return cap - (held.nbytes if held is not None else 0) - sum(r.nbytes for _, r in self.draining if r is not None)
 
     def _dismiss_warm(self) -> None:
         """After a failed attempt: the retry (or a smaller plan) is admitted within --vram with nothing of ours
