@@ -34,7 +34,7 @@ from typing import Any
 from budgets.table import BudgetTable, predict
 from orchestrator import prestart
 from orchestrator.admission import SIBLING_WAIT_S, Admitter, StageGone, Wait, wait_kind
-from orchestrator.corrections import Corrections, oom_factor
+from orchestrator.corrections import OOM_GROWTH, Corrections, oom_factor
 from orchestrator.exports import Exports
 from orchestrator.ledger import Ledger, LedgerError, LedgerView, Reservation
 from orchestrator.monitor import MemorySampler, Sample
@@ -228,6 +228,7 @@ class Runner:
         self.admission_degrades = 0
         self.exports = Exports(ctx.job, self.env, self.t0)
         self.cpu_stage: tuple[str, str] | None = None  # (stage, why): its next attempt runs on the CPU
+        self.room_at_fallback: int | None = None  # the GPU room when that stage was sent to the CPU
         self.admitter = (Admitter(ctx.ledger, ctx.gpu, ctx.job_id, probe=ctx.probe, keep_free=AUTO_RESERVE,
                                   wait_for_vram_s=ctx.wait_for_vram_s, wait_for_siblings_s=ctx.wait_for_siblings_s,
                                   on_event=ctx.on_event)
@@ -440,8 +441,9 @@ class Runner:
         if self.admitter is None or ctx.ledger is None or self._fit(spec.name) is None:
             return False
         rungs, sizes = self._rung_sizes(spec)
-        if min(sizes) > self._room(ctx.ledger.view(self.admitter.current_gpu())):
-            return False
+        room = self._room(ctx.ledger.view(self.admitter.current_gpu()))
+        if min(sizes) > room or (self.room_at_fallback is not None and room < self.room_at_fallback * OOM_GROWTH):
+            return False  # too small, or no more than the stage ran out of: handing back would only run out again
         if prestart.available_host_memory() < self._footprints()[spec.name]:
             return False  # a second process of this stage would not fit beside the first: stay on the CPU
         proc = self._spawn(spec)
@@ -467,8 +469,13 @@ class Runner:
         return self.cpu_stage is not None and self.cpu_stage[0] == spec.name
 
     def _fall_back_to_cpu(self, spec: StageSpec, why: str, announce: bool = True) -> None:
-        """Run this stage's next attempt on the CPU (same plan, same key); say so once."""
+        """Run this stage's next attempt on the CPU (same plan, same key); say so once. The GPU room now is
+        kept: the attempt is handed back only when clearly more comes back (after an OOM with room to spare,
+        the same room would run out again, and each hand-back throws the CPU's work away)."""
         self.cpu_stage = (spec.name, why)
+        ledger = self.ctx.ledger
+        self.room_at_fallback = (self._room(ledger.view(self.admitter.current_gpu()))
+                                 if self.admitter is not None and ledger is not None else None)  # fmt: skip
         if announce:
             self.ctx.on_event("cpu", why)
 

@@ -32,6 +32,16 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
+@pytest.fixture(autouse=True)
+def no_hand_back_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU attempt looks for the GPU again after RECLAIM_AFTER_S (5 s). On a loaded 2-core machine a fake stage's
+    CPU attempt can outlast that, and is then handed back if the GPU has room: tests of the fallback itself
+    would see attempts they do not expect, so the look comes late; the hand-back tests set their own."""
+    from orchestrator import runner
+
+    monkeypatch.setattr(runner, "RECLAIM_AFTER_S", 600.0)
+
+
 def write_photos(folder: Path, n: int = 3, size: tuple[int, int] = (48, 64)) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
