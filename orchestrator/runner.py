@@ -413,13 +413,11 @@ class Runner:
         rungs = self._rungs() or [self.choice]
         return rungs, [next(f.need_bytes for f in r.fits if f.stage == spec.name) for r in rungs]
 
-    def _admission_cap(self) -> int | None:
-        return self.budget if self.ctx.vram_cap is not None else None
-
     def _room(self, view: LedgerView) -> int:
-        """What a stage of this job may take on the GPU now: free and unreserved, less the reserve, within --vram."""
+        """What a stage of this job may take on the GPU now: free and unreserved, less the reserve, within what
+        --vram leaves beside our stages still exiting."""
         room = max(0, view.available(self.ctx.job_id) - AUTO_RESERVE)
-        cap = self._admission_cap()
+        cap = self._cap_beside(None)
         return room if cap is None else min(room, cap)
 
     def _adopt_rung(self, spec: StageSpec, r: Reservation, rungs: list[PlanChoice], sizes: list[int]) -> None:
@@ -448,7 +446,7 @@ class Runner:
             return False  # a second process of this stage would not fit beside the first: stay on the CPU
         proc = self._spawn(spec)
         try:
-            r = self.admitter.try_admit(spec.name, proc.pid, sizes, self._admission_cap())
+            r = self.admitter.try_admit(spec.name, proc.pid, sizes, self._cap_beside(None))
         except LedgerError:
             r = None
         if r is None:  # taken meanwhile
@@ -646,10 +644,9 @@ class Runner:
     def _cap_beside(self, held: Reservation | None) -> int | None:
         """What --vram leaves for one more claim of this job beside `held` and the stages still exiting (their
         claims last until their exit); None without a cap."""
-        cap = self._admission_cap()
-        if cap is None:
+        if self.ctx.vram_cap is None:
             return None
-        return cap - (held.nbytes if held is not None else 0) - sum(r.nbytes for _, r in self.draining if r is not None)
+        return self.budget - (held.nbytes if held is not None else 0) - sum(r.nbytes for _, r in self.draining if r is not None)
 
     def _dismiss_warm(self) -> None:
         """After a failed attempt: the retry (or a smaller plan) is admitted within --vram with nothing of ours
