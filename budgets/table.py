@@ -20,19 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from budgets.timing import TimeModel
+from budgets.units import KINDS, render_px, res2
 from stages.plan import Plan
 
 TABLES_DIR = Path(__file__).parent / "tables"
 FORMAT = 1
 RESIDENT = "resident"
-KINDS = ("measured", "derived")
 
-_REF_RES = 768  # diffusion features are in units of one 768 px image
-_RENDER_RES = 1024  # rasterisation features are in units of one 1024 px frame
-
-
-def _res2(plan: Plan) -> float:
-    return (plan.resolution / _REF_RES) ** 2
 
 
 def _unet_batch(plan: Plan) -> int:
@@ -51,15 +45,15 @@ FEATURES: dict[str, Feature] = {
     "one": lambda p, r: 1.0,
     "views": lambda p, r: float(p.views),
     "n_refs": lambda p, r: float(r),
-    "res2": lambda p, r: _res2(p),
-    "views_res2": lambda p, r: p.views * _res2(p),
-    "refs_res2": lambda p, r: r * _res2(p),
-    "batch_res2": lambda p, r: _unet_batch(p) * _res2(p),
-    "ref_chunk_res2": lambda p, r: min(r, p.ref_chunk) * _res2(p),
-    "view_chunk_res2": lambda p, r: min(p.views, p.ref_chunk) * _res2(p),
-    "mesh_views_px": lambda p, r: p.views * (p.mesh_resolution / _RENDER_RES) ** 2,
-    "mesh_chunk_px": lambda p, r: _mesh_chunk(p) * (p.mesh_resolution / _RENDER_RES) ** 2,
-    "video_chunk_px": lambda p, r: min(p.video_chunk, p.video_frames) * (p.video_resolution / _RENDER_RES) ** 2,
+    "res2": lambda p, r: res2(p),
+    "views_res2": lambda p, r: p.views * res2(p),
+    "refs_res2": lambda p, r: r * res2(p),
+    "batch_res2": lambda p, r: _unet_batch(p) * res2(p),
+    "ref_chunk_res2": lambda p, r: min(r, p.ref_chunk) * res2(p),
+    "view_chunk_res2": lambda p, r: min(p.views, p.ref_chunk) * res2(p),
+    "mesh_views_px": lambda p, r: p.views * render_px(p.mesh_resolution),
+    "mesh_chunk_px": lambda p, r: _mesh_chunk(p) * render_px(p.mesh_resolution),
+    "video_chunk_px": lambda p, r: min(p.video_chunk, p.video_frames) * render_px(p.video_resolution),
 }  # fmt: skip
 """Simple features of a plan that coefficients multiply. `n_refs` is the number of input photos."""
 

@@ -19,17 +19,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from budgets.units import KINDS, render_px, res2
 from stages.plan import Plan
 from up2you.diffusion.refresh import uncond_evaluations
 
 PARTS = ("startup", "run")
-KINDS = ("measured", "derived")
-_REF_RES = 768  # diffusion features are in units of one 768 px image
-_RENDER_RES = 1024  # rasterisation features are in units of one 1024 px frame
-
-
-def _res2(plan: Plan) -> float:
-    return (plan.resolution / _REF_RES) ** 2
 
 
 def n_uncond(plan: Plan) -> int:
@@ -50,13 +44,13 @@ TIME_FEATURES: dict[str, TimeFeature] = {
     "one": lambda p, r: 1.0,
     "views": lambda p, r: float(p.views),
     "n_refs": lambda p, r: float(r),
-    "views_res2": lambda p, r: p.views * _res2(p),
-    "cond_images": lambda p, r: p.steps * p.views * _res2(p),
-    "uncond_images": lambda p, r: n_uncond(p) * p.views * _res2(p),
+    "views_res2": lambda p, r: p.views * res2(p),
+    "cond_images": lambda p, r: p.steps * p.views * res2(p),
+    "uncond_images": lambda p, r: n_uncond(p) * p.views * res2(p),
     "unet_calls": unet_calls,
     "mesh_iters": lambda p, r: float(p.mesh_iters),
-    "mesh_iter_views_px": lambda p, r: p.mesh_iters * p.views * (p.mesh_resolution / _RENDER_RES) ** 2,
-    "video_frames_px": lambda p, r: p.video_frames * (p.video_resolution / _RENDER_RES) ** 2,
+    "mesh_iter_views_px": lambda p, r: p.mesh_iters * p.views * render_px(p.mesh_resolution),
+    "video_frames_px": lambda p, r: p.video_frames * render_px(p.video_resolution),
 }  # fmt: skip
 """Features of a plan that time coefficients (seconds per unit) multiply; `n_refs` is the number of photos."""
 
