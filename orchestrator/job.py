@@ -301,30 +301,30 @@ def run_job(
     out = Path(out_dir) if out_dir else default_out_dir(Path(input_dir))
     lock = OutputLock(out)
     if not options.plan_only:  # before planning, which may wait for GPU memory that the run holding `out` has
-        _refused_if_locked(lock.refuse_if_held)
-    probe = probe or _default_probe(options.device)
-    jp = plan_job(input_dir, options, probe, pipeline, table, on_event=printer)
-    inputs, budget, choice = jp.inputs, jp.budget, jp.choice
-    if out.resolve() == Path(input_dir).resolve():
-        raise JobError(f"--out {shown(out)} is the photo folder itself: the next run would read the outputs as "
-                       "photos; pass another folder (the default is <photos>_up2you/)", EXIT_USAGE)  # fmt: skip
-    job = JobDir(out / "job")
-    if options.tiny:
-        console.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
-    for line in plan_notes(jp):
-        console.print(f"[dim]note: {escape(line)}[/dim]", highlight=False, soft_wrap=True)
-    console.print(plan_table(pipeline, choice, f"plan: {choice.candidate.label} — budget {budget.source}"))
-    for d in choice.degradations:
-        console.print(f"[yellow]  {d}[/yellow]")
-    report = RunReport(True, 0, "plan only: nothing ran", out, job.root, choice, budget, len(inputs.photos),
-                       [str(p) for p in inputs.ignored], options.tiny, waits=list(jp.waits))  # fmt: skip
-    if options.plan_only:
-        return report
-    report.weights = _preflight(pipeline, choice, options, out)
-    if options.tiny:
-        ensure_tiny_weights(Path(choice.plan.weights_dir), console)
-    _refused_if_locked(lock.acquire)
+        _refused_if_locked(lock.acquire_if_used)
     try:
+        probe = probe or _default_probe(options.device)
+        jp = plan_job(input_dir, options, probe, pipeline, table, on_event=printer)
+        inputs, budget, choice = jp.inputs, jp.budget, jp.choice
+        if out.resolve() == Path(input_dir).resolve():
+            raise JobError(f"--out {shown(out)} is the photo folder itself: the next run would read the outputs as "
+                           "photos; pass another folder (the default is <photos>_up2you/)", EXIT_USAGE)  # fmt: skip
+        job = JobDir(out / "job")
+        if options.tiny:
+            console.print(f"[bold yellow]{SMOKE_TEST}[/bold yellow]")
+        for line in plan_notes(jp):
+            console.print(f"[dim]note: {escape(line)}[/dim]", highlight=False, soft_wrap=True)
+        console.print(plan_table(pipeline, choice, f"plan: {choice.candidate.label} — budget {budget.source}"))
+        for d in choice.degradations:
+            console.print(f"[yellow]  {d}[/yellow]")
+        report = RunReport(True, 0, "plan only: nothing ran", out, job.root, choice, budget, len(inputs.photos),
+                           [str(p) for p in inputs.ignored], options.tiny, waits=list(jp.waits))  # fmt: skip
+        if options.plan_only:
+            return report
+        report.weights = _preflight(pipeline, choice, options, out)
+        if options.tiny:
+            ensure_tiny_weights(Path(choice.plan.weights_dir), console)
+        _refused_if_locked(lock.acquire)  # held already where a run had used `out`
         return _run_locked(report, jp, job, out, options, probe, pipeline, printer, t0)
     finally:
         lock.release()

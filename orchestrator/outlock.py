@@ -36,6 +36,9 @@ class OutputLock:
         self._lock = FileLock(str(self.out / LOCK_NAME), timeout=0, thread_local=False)
 
     def acquire(self) -> None:
+        """Take the lock (creating the folder), or raise OutputLocked; nothing to do if this object holds it."""
+        if self._lock.is_locked:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         try:
             self._lock.acquire(timeout=0)
@@ -46,16 +49,14 @@ class OutputLock:
         tmp.write_text(json.dumps(owner))
         os.replace(tmp, self.out / OWNER_NAME)
 
-    def refuse_if_held(self) -> None:
-        """Raise OutputLocked now if a live run holds the folder, creating nothing: a second run on the same
-        folder is refused before it waits for GPU memory, which the first run may be the one holding."""
-        if not (self.out / LOCK_NAME).exists():
-            return
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            raise OutputLocked(self._refusal()) from None
-        self._lock.release()
+    def acquire_if_used(self) -> None:
+        """Take the lock now if a run has used this folder (its lock file is there), else create nothing.
+
+        A run takes this before planning, which may wait for GPU memory that the run holding the folder has:
+        a second run is then refused at once, and of two runs started together on such a folder one is refused
+        here, before either plans. On a folder no run has used, `acquire` after planning decides."""
+        if (self.out / LOCK_NAME).exists():
+            self.acquire()
 
     def release(self) -> None:
         if self._lock.is_locked:

@@ -12,9 +12,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orchestrator.inputs import EXIT_USAGE
 from orchestrator.job import JobError, RunOptions, run_job
 from orchestrator.ledger import Ledger
-from orchestrator.outlock import EXIT_LOCKED, OutputLock
+from orchestrator.outlock import EXIT_LOCKED, OWNER_NAME, OutputLock, OutputLocked
 from stages import lifeline
 from stages.jobfs import JobDir
 from tests.fakestages import FAKE
@@ -201,6 +202,37 @@ def test_a_second_run_is_refused_before_it_would_wait_for_gpu_memory(photos, tmp
         assert f"pid {os.getpid()}" in str(info.value)
         assert time.monotonic() - t0 < 60  # it did not wait out the 120 s
     assert not (out / "job").exists()
+
+
+def test_on_a_folder_a_run_has_used_the_early_check_holds_the_lock_so_two_starting_together_cannot_both_pass(
+        tmp_path) -> None:  # fmt: skip
+    out = tmp_path / "out"
+    with OutputLock(out):  # an earlier run used the folder: its lock file stays
+        pass
+    fresh = tmp_path / "fresh"
+    OutputLock(fresh).acquire_if_used()  # no run used it: nothing is created, nothing held
+    assert not fresh.exists()
+    first, second = OutputLock(out), OutputLock(out)
+    first.acquire_if_used()  # both check before either plans: the first keeps what it checked
+    with pytest.raises(OutputLocked):
+        second.acquire_if_used()
+    first.acquire()  # after planning: held already
+    first.release()
+    second.acquire_if_used()
+    second.release()
+
+
+def test_a_run_refused_after_its_early_check_gives_the_folder_back(photos, tmp_path, gpu24, fake_table) -> None:
+    out = tmp_path / "out"
+    opts = RunOptions(vram="12GB", device="cpu")
+    assert run_job(photos, out, opts, probe=gpu24, pipeline=FAKE, table=fake_table).ok
+    with pytest.raises(JobError) as info:  # held from before planning; planning refuses a cap below every plan
+        run_job(photos, out, RunOptions(vram="100MB", device="cpu"), probe=gpu24, pipeline=FAKE, table=fake_table)
+    assert info.value.exit_code == EXIT_USAGE
+    assert not (out / OWNER_NAME).exists()
+    again = OutputLock(out)
+    again.acquire_if_used()  # free again: the refused run let go of it
+    again.release()
 
 
 def test_two_processes_at_once_one_is_refused(photos, tmp_path) -> None:
