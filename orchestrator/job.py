@@ -331,7 +331,8 @@ def run_job(
 
 
 def _refused_if_locked(take: Callable[[], None]) -> None:
-    """Take (or check) the output folder's lock; another live run holding it is a JobError naming its pid."""
+    """Take the output folder's lock (`take`: now, or only if a run used the folder); another live run
+    holding it is a JobError naming its pid."""
     try:
         take()
     except OutputLocked as exc:

@@ -420,6 +420,11 @@ class Runner:
         cap = self._cap_beside(None)
         return room if cap is None else min(room, cap)
 
+    def _room_now(self) -> int:
+        """`_room` on our GPU as NVML and the ledger see it now (a shared GPU only)."""
+        assert self.admitter is not None and self.ctx.ledger is not None
+        return self._room(self.ctx.ledger.view(self.admitter.current_gpu()))
+
     def _adopt_rung(self, spec: StageSpec, r: Reservation, rungs: list[PlanChoice], sizes: list[int]) -> None:
         """Run on the fastest rung that `r` reserved for; if the current plan needs the same, keep it."""
         current = self._fit(spec.name)
@@ -439,7 +444,7 @@ class Runner:
         if self.admitter is None or ctx.ledger is None or self._fit(spec.name) is None:
             return False
         rungs, sizes = self._rung_sizes(spec)
-        room = self._room(ctx.ledger.view(self.admitter.current_gpu()))
+        room = self._room_now()
         if min(sizes) > room or (self.room_at_fallback is not None and room < self.room_at_fallback * OOM_GROWTH):
             return False  # too small, or no more than the stage ran out of: handing back would only run out again
         if prestart.available_host_memory() < self._footprints()[spec.name]:
@@ -471,9 +476,7 @@ class Runner:
         kept: the attempt is handed back only when clearly more comes back (after an OOM with room to spare,
         the same room would run out again, and each hand-back throws the CPU's work away)."""
         self.cpu_stage = (spec.name, why)
-        ledger = self.ctx.ledger
-        self.room_at_fallback = (self._room(ledger.view(self.admitter.current_gpu()))
-                                 if self.admitter is not None and ledger is not None else None)  # fmt: skip
+        self.room_at_fallback = self._room_now() if self.admitter is not None and self.ctx.ledger is not None else None
         if announce:
             self.ctx.on_event("cpu", why)
 

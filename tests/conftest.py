@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from budgets.table import BudgetTable, load_table
+from orchestrator import runner
 from orchestrator.probe import SimulatedGpu, SimulatedProbe
 from tests.fakestages import TABLE_PATH
 
@@ -37,8 +38,6 @@ def no_hand_back_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU attempt looks for the GPU again after RECLAIM_AFTER_S (5 s). On a loaded 2-core machine a fake stage's
     CPU attempt can outlast that, and is then handed back if the GPU has room: tests of the fallback itself
     would see attempts they do not expect, so the look comes late; the hand-back tests set their own."""
-    from orchestrator import runner
-
     monkeypatch.setattr(runner, "RECLAIM_AFTER_S", 600.0)
 
 
